@@ -1,0 +1,133 @@
+"""The persistent chain bank (ALGORITHMS.md §2): chains that carry over between iterations.
+
+Each chain has a stable integer id that survives checkpoints and re-sharding, so a resumed or
+re-split run can prove that no chain was lost or duplicated. The bank is training state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INITS = ("zeros", "noise", "data_mean")
+
+
+class ChainBank:
+    """A bank of persistent Langevin chains with optional random re-initialisation.
+
+    Args:
+        states: the chains (size, *sample_shape).
+        ids: a stable id per chain (size,), int64.
+        init: how a (re-)initialised chain starts: "zeros" (Algorithm 1, line 1), "noise"
+            (uniform in [-1, 1]) or "data_mean" (the `init_value` image).
+        reinit_prob: probability that a sampled chain restarts from its initial state.
+        init_value: the image used by "data_mean".
+    """
+
+    def __init__(
+        self,
+        states: torch.Tensor,
+        ids: torch.Tensor,
+        *,
+        init: str = "zeros",
+        reinit_prob: float = 0.0,
+        init_value: torch.Tensor | None = None,
+    ):
+        if init not in INITS:
+            raise ValueError(f"chains.init must be one of {INITS}, got '{init}'.")
+        if init == "data_mean" and init_value is None:
+            raise ValueError("chains.init='data_mean' needs the data mean as init_value.")
+        if not 0.0 <= reinit_prob <= 1.0:
+            raise ValueError(f"chains.reinit_prob must be in [0, 1], got {reinit_prob}.")
+        if len(states) != len(ids):
+            raise ValueError(f"{len(states)} chain states but {len(ids)} ids.")
+        self.states = states
+        self.ids = ids.to(torch.int64)
+        self.init = init
+        self.reinit_prob = reinit_prob
+        self.init_value = init_value
+
+    @classmethod
+    def create(
+        cls,
+        size: int,
+        sample_shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        first_id: int = 0,
+        device: torch.device | str = "cpu",
+        **kwargs,
+    ) -> ChainBank:
+        """A new bank of `size` chains in their initial state, with ids first_id … first_id+size−1."""
+        bank = cls(
+            torch.zeros(size, *sample_shape, device=device),
+            torch.arange(first_id, first_id + size, device=device),
+            **kwargs,
+        )
+        bank.states = bank.initial_states(size, generator)
+        return bank
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.states.shape[1:])
+
+    def initial_states(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n chains in the bank's initial state."""
+        shape = (n, *self.sample_shape)
+        device = self.states.device
+        if self.init == "zeros":
+            return torch.zeros(shape, device=device)
+        if self.init == "noise":
+            return torch.rand(shape, generator=generator, device=device) * 2 - 1
+        return self.init_value.to(device).expand(shape).clone()
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick `batch_size` chains (all of them, in order, when it equals the bank size).
+
+        Returns (index, states): the bank positions and a copy of their states, with each chain
+        re-initialised with probability `reinit_prob`.
+        """
+        size = len(self)
+        if batch_size > size:
+            raise ValueError(f"chains.batch_size ({batch_size}) exceeds chains.bank_size ({size}).")
+        if batch_size == size:
+            index = torch.arange(size, device=self.states.device)
+        else:
+            index = torch.randperm(size, generator=generator, device=self.states.device)[:batch_size]
+        states = self.states[index].clone()
+        if self.reinit_prob > 0:
+            restart = torch.rand(batch_size, generator=generator, device=states.device) < self.reinit_prob
+            fresh = self.initial_states(batch_size, generator)
+            states = torch.where(restart.view(-1, *[1] * (states.dim() - 1)), fresh, states)
+        return index, states
+
+    def write(self, index: torch.Tensor, states: torch.Tensor) -> None:
+        """Store updated states back at their bank positions."""
+        self.states[index] = states.detach().to(self.states.dtype)
+
+    def state_dict(self) -> dict:
+        return {"states": self.states.detach().cpu().clone(), "ids": self.ids.cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states = state["states"].to(self.states.device).clone()
+        self.ids = state["ids"].to(self.states.device).clone()
+
+
+def split_bank_states(states: list[dict], world_size: int) -> list[dict]:
+    """Re-split saved bank shards (one dict per old rank) into `world_size` new shards.
+
+    Chains are concatenated in id order and cut into contiguous, near-equal pieces: every chain
+    lands in exactly one new shard.
+    """
+    all_states = torch.cat([s["states"] for s in states])
+    all_ids = torch.cat([s["ids"] for s in states])
+    order = torch.argsort(all_ids)
+    all_states, all_ids = all_states[order], all_ids[order]
+    if len(torch.unique(all_ids)) != len(all_ids):
+        raise ValueError("Saved chain shards contain duplicate chain ids.")
+    return [
+        {"states": s.clone(), "ids": i.clone()}
+        for s, i in zip(torch.tensor_split(all_states, world_size), torch.tensor_split(all_ids, world_size))
+    ]

@@ -1,0 +1,90 @@
+"""One checkpoint bundle: models, optimisers, every rank's chain shard, RNG states, counters, config.
+
+A checkpoint is a directory: `state.pt` (what every rank shares: networks, optimisers, counters,
+config, collapse tracker) and one `rank-NNNNN.pt` per rank (its chain and latent bank shards and
+its random generators). The directory layout lets Ray Train merge the files of all workers into
+one checkpoint, and lets a run resume on a different number of workers by re-splitting the banks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .chains import split_bank_states
+
+SHARED_FILE = "state.pt"
+RANK_FILE = "rank-{rank:05d}.pt"
+DIR_PATTERN = re.compile(r"^iter-(\d{8})$")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter-{iteration:08d}"
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_shared(directory: str | Path, shared: dict) -> None:
+    """Write the state every rank shares (rank 0 calls this)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_save(shared, directory / SHARED_FILE)
+
+
+def write_rank(directory: str | Path, rank: int, rank_state: dict) -> None:
+    """Write one rank's banks and random generators."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_save(rank_state, directory / RANK_FILE.format(rank=rank))
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict, list[dict]]:
+    """(shared state, [rank states ordered by rank]) of a checkpoint directory."""
+    directory = Path(directory)
+    if not (directory / SHARED_FILE).is_file():
+        raise FileNotFoundError(f"'{directory}' is not a checkpoint: it has no {SHARED_FILE}.")
+    shared = torch.load(directory / SHARED_FILE, map_location="cpu", weights_only=False)
+    ranks = sorted(directory.glob("rank-*.pt"))
+    rank_states = [torch.load(p, map_location="cpu", weights_only=False) for p in ranks]
+    if len(rank_states) != shared["world_size"]:
+        raise ValueError(
+            f"Checkpoint '{directory}' was written by {shared['world_size']} ranks but holds "
+            f"{len(rank_states)} rank files: it is incomplete. Resume from an earlier checkpoint."
+        )
+    return shared, rank_states
+
+
+def bank_shard(rank_states: list[dict], rank: int, world_size: int) -> dict:
+    """This rank's bank states: its own shard when the world size is unchanged, else a re-split."""
+    if len(rank_states) == world_size:
+        return rank_states[rank]["banks"]
+    names = rank_states[0]["banks"].keys()
+    return {name: split_bank_states([r["banks"][name] for r in rank_states], world_size)[rank] for name in names}
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if DIR_PATTERN.match(p.name) and (p / SHARED_FILE).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for path in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,260 @@
+"""The run configuration: frozen dataclasses, one per concern, composed into `RunConfig`.
+
+Configs cross process boundaries (Ray workers, MLflow params, YAML files) as plain nested dicts:
+`RunConfig.from_dict` validates such a dict and rejects unknown keys with a did-you-mean hint,
+`RunConfig.to_dict` gives it back. Overrides use dotted keys (`langevin.step_size=0.05`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is invalid; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from and how they are shaped."""
+
+    source: str = "digits"  # a name in distributed_ebm.data.SOURCES
+    path: str | None = None  # file or folder for the `npz` and `folder` sources
+    image_size: int | None = None  # side in pixels after resizing; None keeps the source's size
+    grayscale: bool | None = None  # force one channel (True) or three (False); None keeps the source's
+    num_images: int | None = None  # keep only the first N images (few-sample setting); None keeps all
+    texture: str = "brick"  # scikit-image texture for the `texture` source
+    crops: int = 256  # number of random crops drawn from the texture image
+    num_points: int = 4096  # samples drawn for the 2-D mixture sources
+    mixture_std: float = 0.05  # standard deviation of each mixture component (in data units)
+    labels: bool = True  # keep class labels where the source has them
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The energy network Φ (the score function; higher means more likely)."""
+
+    algorithm: str = "wgcn"  # a name in distributed_ebm.algorithms.ALGORITHMS
+    energy: str | None = None  # a name in distributed_ebm.energy.ENERGIES; None: the algorithm's default
+    channels: tuple[int, ...] = (32, 64, 128)  # widths of the ConvNet / MLP hidden layers (w)
+    activation: str = "relu"  # nonlinearity h of the ConvNet filters (the papers use ReLU)
+    filter_bank: str | None = None  # local .pt/.pth file with VGG-16 weights; None: fixed random bank
+    filter_layers: int = 4  # conv layers of the VGG-16 layout used as the FRAME filter bank
+    theta_layout: str = "position"  # FRAME θ: one weight per "channel" (textures) or per "position"
+    jko_weight: float = 1.0  # β: weight of the JKO / Wasserstein time piece
+    penalty_params: str = "theta"  # which parameters the JKO penalty's gradient reaches: "theta" | "all"
+    seed: int = 0  # seed of the network initialisation and of the fixed filter bank
+
+
+@dataclass(frozen=True)
+class LangevinConfig:
+    """Langevin dynamics on x: x ← x + (δ²/2)(∇Φ(x) − x/σ²) + δ·ε."""
+
+    langevin_steps: int = 20  # L: steps per learning iteration
+    step_size: float = 0.05  # δ
+    ref_sigma: float = 1.0  # σ: standard deviation of the Gaussian reference q
+    clamp: bool = True  # clamp chains to the data range after every step
+    sample_steps: int = 200  # steps for fresh chains drawn after training (`debm sample`)
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """The persistent chain bank."""
+
+    bank_size: int = 64  # number of persistent chains (per process)
+    batch_size: int = 64  # chains updated per iteration (M); equal to bank_size reproduces Algorithm 1
+    reinit_prob: float = 0.0  # probability per sampled chain of restarting from the initial state
+    init: str = "zeros"  # initial state of a chain: "zeros" (Algorithm 1), "noise" or "data_mean"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser of θ and w."""
+
+    optimizer: str = "adam"  # "sgd" reproduces the papers' update rule, "adam"
+    lr: float = 3e-3  # λ: learning rate
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam moment decays
+    weight_decay: float = 0.0
+    grad_clip: float | None = None  # clip the global gradient norm; None: no clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's clock, outputs and seeds."""
+
+    iterations: int = 300  # learning iterations T
+    data_batch_size: int = 64  # N: data images per iteration
+    seed: int = 0  # base seed; process streams derive from (seed, rank)
+    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+    log_every: int = 1  # write metrics every K iterations
+    sample_every: int = 100  # save a PNG grid of the chains every K iterations
+    checkpoint_every: int = 100  # save a checkpoint bundle every K iterations
+    keep_checkpoints: int = 3  # how many checkpoint bundles to keep
+    response_bank_seed: int = 1234  # seed of the fixed filter bank behind the response distance R
+
+
+@dataclass(frozen=True)
+class CollapseConfig:
+    """The measurable definition of collapse, checked every iteration (see metrics/collapse.py)."""
+
+    warmup: int = 20  # iterations before divergence checks start
+    ema: float = 0.9  # smoothing of R and of the energy gap before they are compared
+    r_ratio_max: float = 5.0  # collapse when smoothed R exceeds this multiple of its best value
+    energy_gap_max: float = 50.0  # collapse when |Φ(data) − Φ(chains)| exceeds this many data-Φ stds
+    saturation_max: float = 0.5  # collapse when this fraction of chain pixels beyond data sits at the bounds
+    patience: int = 5  # consecutive iterations a condition must hold
+    stop_on_collapse: bool = False  # stop training at collapse (NaN/Inf always stops)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs, composed of one dataclass per concern."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    langevin: LangevinConfig = field(default_factory=LangevinConfig)
+    chains: ChainConfig = field(default_factory=ChainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    name: str = "debm"  # run name (also the default MLflow experiment / registered model name)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> RunConfig:
+        """Build a validated config from nested plain values; unknown keys raise ConfigError."""
+        return _build(cls, raw or {}, prefix="")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain values (tuples as lists), the inverse of from_dict."""
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with dotted-key overrides applied (`{"langevin.step_size": 0.1}`)."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(raw, key, value)
+        return RunConfig.from_dict(raw)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _did_you_mean(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the run config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys to values, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(
+                f"Unknown config key '{prefix}{key}'.{_did_you_mean(key, list(fields))}"
+                " Fix the YAML file or the --set override."
+            )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a leaf value against its annotation, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"'{key}' must have {len(args)} entries, got {value!r}.")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"'{key}' must be a {hint.__name__}, got {value!r}.")
+    return value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `raw[a][b] = value` for the dotted key `a.b`, creating sections as needed."""
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{key}': '{part}' is a value, not a section.")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse `--set section.key=value` items; values are read as YAML (numbers, lists, null)."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like section.key=value.")
+        key, text = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return overrides
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict to dotted keys (for MLflow params and search spaces)."""
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML preset (or the defaults), apply dotted overrides and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"Config file '{path}' does not exist. Pass one of the presets in configs/ "
+                "(e.g. configs/digits_wgcn.yaml) or a path to your own YAML file."
+            )
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections.")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return RunConfig.from_dict(raw)

@@ -1,0 +1,249 @@
+"""Score networks Φ(x; θ, w) of the FRAME family (ALGORITHMS.md §1).
+
+Every energy maps a batch (B, *sample_shape) to one score per sample (B,); higher means more
+likely. Its last linear layer is θ, everything trained before it is w; `theta_names()` says which
+parameters are θ, so that the JKO penalty can reach θ only. Builders are registered in ENERGIES.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# The first four conv layers of torchvision's VGG-16 (`features[0, 2, 5, 7]`), with the max-pool
+# that sits between the second and the third.
+VGG16_LAYOUT = ((3, 64), (64, 64), "pool", (64, 128), (128, 128))
+VGG16_FEATURE_INDEX = (0, 2, 5, 7)  # indices of those conv layers in torchvision's `features`
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+}
+
+
+class Energy(nn.Module):
+    """Base class: a score network whose last linear layer is θ."""
+
+    def theta_names(self) -> set[str]:
+        """Names (as in named_parameters) of the parameters that form θ."""
+        raise NotImplementedError
+
+    def split_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(θ, w): the last linear layer and every other trained parameter."""
+        theta_names = self.theta_names()
+        theta, w = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (theta if name in theta_names else w).append(param)
+        return theta, w
+
+    def score_reaching(self, params: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Φ as a function whose gradients reach only θ (`"theta"`) or every parameter (`"all"`).
+
+        Used for the JKO penalty: Algorithm 1 of the GGCN paper lets the penalty move θ only.
+        """
+        if params == "all":
+            return self
+        if params != "theta":
+            raise ConfigError(f"model.penalty_params must be 'theta' or 'all', got '{params}'.")
+        theta_names = self.theta_names()
+        detached = {n: (p if n in theta_names else p.detach()) for n, p in self.named_parameters()}
+        return lambda x: torch.func.functional_call(self, detached, (x,))
+
+
+class FilterBank(nn.Module):
+    """A fixed filter bank laid out like the first conv layers of VGG-16; never trained.
+
+    Weights come from a local file holding torchvision's VGG-16 state dict (never downloaded);
+    without one the bank is a deterministic random one drawn from `seed`. `kind` says which, and
+    every run logs it. Inputs are images in [-1, 1] with 1 or 3 channels (grey is repeated).
+    """
+
+    def __init__(self, layers: int = 4, weights: str | Path | None = None, seed: int = 0):
+        super().__init__()
+        if not 1 <= layers <= 4:
+            raise ConfigError(f"model.filter_layers must be between 1 and 4, got {layers}.")
+        self.layers = layers
+        modules: list[nn.Module] = []
+        convs: list[nn.Conv2d] = []
+        for spec in VGG16_LAYOUT:
+            if len(convs) == layers:
+                break
+            if spec == "pool":
+                modules.append(nn.MaxPool2d(2, 2))
+                continue
+            conv = nn.Conv2d(spec[0], spec[1], kernel_size=3, padding=1)
+            convs.append(conv)
+            modules += [conv, nn.ReLU()]
+        self.net = nn.Sequential(*modules)
+        self.out_channels = convs[-1].out_channels
+        if weights is not None:
+            self._load(convs, Path(weights))
+            self.kind = f"vgg16:{Path(weights).name}"
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            for conv in convs:
+                fan_in = conv.in_channels * 9
+                conv.weight.data = torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+                conv.bias.data.zero_()
+            self.kind = f"random:seed={seed}"
+        self.normalise = weights is not None
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def _load(self, convs: list[nn.Conv2d], path: Path) -> None:
+        if not path.is_file():
+            raise ConfigError(
+                f"Filter bank weights '{path}' do not exist. Give a local file holding torchvision's "
+                "VGG-16 state dict (torch.save(vgg16(weights=...).state_dict(), path) on a machine "
+                "with internet), or leave model.filter_bank empty for a fixed random bank."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+        for conv, index in zip(convs, VGG16_FEATURE_INDEX):
+            for part in ("weight", "bias"):
+                key = next((k for k in (f"features.{index}.{part}", f"{index}.{part}") if k in state), None)
+                if key is None:
+                    raise ConfigError(
+                        f"'{path}' has no key features.{index}.{part}: it is not a VGG-16 state dict."
+                    )
+                getattr(conv, part).data.copy_(state[key])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU responses F(x) of the last layer: (B, K, H', W')."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.normalise:
+            x = ((x + 1) / 2 - self.mean) / self.std
+        return self.net(x)
+
+
+class FrameEnergy(Energy):
+    """FRAME: Φ(x) = Σ_k Σ_pos θ_{k,pos} · F_k(x)[pos] on a fixed filter bank F.
+
+    θ has one weight per channel (`layout="channel"`, stationary textures) or one per channel and
+    position (`layout="position"`, aligned objects). θ starts at 0, so the model starts at q.
+    """
+
+    def __init__(self, bank: FilterBank, sample_shape: tuple[int, ...], layout: str = "position"):
+        super().__init__()
+        if layout not in ("channel", "position"):
+            raise ConfigError(f"model.theta_layout must be 'channel' or 'position', got '{layout}'.")
+        self.bank = bank
+        with torch.no_grad():
+            _, k, h, w = bank(torch.zeros(1, *sample_shape)).shape
+        shape = (k, 1, 1) if layout == "channel" else (k, h, w)
+        self.theta = nn.Parameter(torch.zeros(shape))
+
+    def theta_names(self) -> set[str]:
+        return {"theta"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.bank(x) * self.theta).flatten(1).sum(1)
+
+
+class ConvEnergy(Energy):
+    """GCN: Φ(x) = θ · f(x; w), a ConvNet f with ReLU filters and a last linear layer θ.
+
+    The first conv keeps the resolution, each following one halves it (down to 2 px).
+    """
+
+    def __init__(self, sample_shape: tuple[int, ...], channels: tuple[int, ...], activation: str = "relu"):
+        super().__init__()
+        if len(sample_shape) != 3:
+            raise ConfigError(
+                f"The conv energy needs images (C, H, W); the data gives samples of shape {sample_shape}. "
+                "Use model.energy=mlp for vector data."
+            )
+        act = _activation(activation)
+        layers: list[nn.Module] = []
+        in_ch, size = sample_shape[0], sample_shape[1]
+        for i, out_ch in enumerate(channels):
+            if i == 0 or size <= 2:
+                layers.append(nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1))
+            else:
+                layers.append(nn.Conv2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1))
+                size //= 2
+            layers.append(act())
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            dim = self.features(torch.zeros(1, *sample_shape)).numel()
+        self.theta = nn.Linear(dim, 1)
+        nn.init.zeros_(self.theta.weight)
+        nn.init.zeros_(self.theta.bias)
+
+    def theta_names(self) -> set[str]:
+        return {"theta.weight", "theta.bias"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.theta(self.features(x).flatten(1)).squeeze(1)
+
+
+class MLPEnergy(Energy):
+    """An MLP score for vector data (the 2-D mixtures): hidden layers w, last linear layer θ."""
+
+    def __init__(self, sample_shape: tuple[int, ...], channels: tuple[int, ...], activation: str = "silu"):
+        super().__init__()
+        act = _activation(activation)
+        layers: list[nn.Module] = []
+        in_dim = int(torch.tensor(sample_shape).prod())
+        for width in channels:
+            layers += [nn.Linear(in_dim, width), act()]
+            in_dim = width
+        self.features = nn.Sequential(nn.Flatten(), *layers)
+        self.theta = nn.Linear(in_dim, 1)
+
+    def theta_names(self) -> set[str]:
+        return {"theta.weight", "theta.bias"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.theta(self.features(x)).squeeze(1)
+
+
+def _activation(name: str) -> Callable[[], nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"Unknown model.activation '{name}'. Choose one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def _frame(config: ModelConfig, sample_shape: tuple[int, ...]) -> Energy:
+    if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+        raise ConfigError(
+            f"The FRAME energy needs grey or RGB images (1 or 3, H, W), got samples of shape {sample_shape}."
+        )
+    bank = FilterBank(config.filter_layers, config.filter_bank, seed=config.seed)
+    log.info("FRAME filter bank: %s", bank.kind)
+    return FrameEnergy(bank, sample_shape, config.theta_layout)
+
+
+ENERGIES: dict[str, Callable[[ModelConfig, tuple[int, ...]], Energy]] = {
+    "frame": _frame,
+    "conv": lambda c, shape: ConvEnergy(shape, c.channels, c.activation),
+    "mlp": lambda c, shape: MLPEnergy(shape, c.channels, c.activation),
+}
+
+
+def build_energy(config: ModelConfig, sample_shape: tuple[int, ...], energy: str) -> Energy:
+    """Build the energy named `energy` for samples of `sample_shape`, seeded by config.seed."""
+    if energy not in ENERGIES:
+        raise ConfigError(f"Unknown model.energy '{energy}'. Choose one of {sorted(ENERGIES)}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return ENERGIES[energy](config, tuple(sample_shape))

@@ -1,0 +1,99 @@
+"""A measurable definition of collapse, checked every iteration.
+
+A run has collapsed when one of these holds (the divergence checks for `patience` consecutive
+iterations after `warmup`):
+
+- nonfinite:   a score, the loss or a chain is NaN or Inf (always stops the run);
+- r_diverged:  the smoothed response distance R exceeds `r_ratio_max` × its best smoothed value;
+- energy_diverged: |mean Φ(data) − mean Φ(chains)| exceeds `energy_gap_max` standard deviations
+               of Φ over the data batch (smoothed);
+- saturated:   the fraction of chain entries at the data bounds exceeds the data's own fraction
+               by more than `saturation_max`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import CollapseConfig
+
+BOUND = 0.999  # |x| at or beyond this counts as sitting at the bounds of [-1, 1]
+
+
+def saturation(x: torch.Tensor) -> float:
+    """Fraction of entries of x at or beyond the bounds of [-1, 1]."""
+    return float((x.abs() >= BOUND).float().mean())
+
+
+def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor) -> float:
+    """|mean Φ(data) − mean Φ(chains)| in units of the data batch's Φ standard deviation."""
+    spread = float(phi_data.std()) if len(phi_data) > 1 else 0.0
+    gap = abs(float(phi_data.mean()) - float(phi_syn.mean()))
+    return gap / max(spread, 1e-6) if gap > 0 else 0.0
+
+
+class CollapseDetector:
+    """Tracks the collapse conditions over iterations; its state is checkpointed."""
+
+    def __init__(self, config: CollapseConfig):
+        self.config = config
+        self.r_ema: float | None = None
+        self.gap_ema: float | None = None
+        self.best_r = math.inf
+        self.streaks = {"r_diverged": 0, "energy_diverged": 0, "saturated": 0}
+        self.seen = 0
+        self.first: dict | None = None  # {"iteration", "reason"} of the first collapse
+
+    def update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float | str]:
+        """Add one iteration's metrics; return the collapse metrics for that iteration.
+
+        Reads `response_distance`, `energy_gap_z`, `chain_saturation`, `data_saturation` and the
+        flag `nonfinite` from metrics.
+        """
+        cfg = self.config
+        self.seen += 1
+        reason = ""
+        if metrics.get("nonfinite", 0.0) or not all(
+            math.isfinite(v) for v in metrics.values() if isinstance(v, float)
+        ):
+            reason = "nonfinite"
+        else:
+            r, gap = metrics["response_distance"], metrics["energy_gap_z"]
+            self.r_ema = r if self.r_ema is None else cfg.ema * self.r_ema + (1 - cfg.ema) * r
+            self.gap_ema = gap if self.gap_ema is None else cfg.ema * self.gap_ema + (1 - cfg.ema) * gap
+            if self.seen > cfg.warmup:
+                self.best_r = min(self.best_r, self.r_ema)
+            conditions = {
+                "r_diverged": self.seen > cfg.warmup and self.r_ema > cfg.r_ratio_max * self.best_r,
+                "energy_diverged": self.seen > cfg.warmup and self.gap_ema > cfg.energy_gap_max,
+                "saturated": metrics["chain_saturation"] - metrics["data_saturation"] > cfg.saturation_max,
+            }
+            for name, holds in conditions.items():
+                self.streaks[name] = self.streaks[name] + 1 if holds else 0
+                if not reason and self.streaks[name] >= cfg.patience:
+                    reason = name
+        if reason and self.first is None:
+            self.first = {"iteration": iteration, "reason": reason}
+        r_ratio = self.r_ema / self.best_r if self.r_ema is not None and math.isfinite(self.best_r) else 1.0
+        return {
+            "collapse": 1.0 if reason else 0.0,
+            "collapse_reason": reason,
+            "collapse_r_ratio": r_ratio,
+            "collapse_energy_gap": self.gap_ema if self.gap_ema is not None else 0.0,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "r_ema": self.r_ema,
+            "gap_ema": self.gap_ema,
+            "best_r": self.best_r,
+            "streaks": dict(self.streaks),
+            "seen": self.seen,
+            "first": self.first,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.r_ema, self.gap_ema, self.best_r = state["r_ema"], state["gap_ema"], state["best_r"]
+        self.streaks, self.seen, self.first = dict(state["streaks"]), state["seen"], state["first"]

@@ -1,0 +1,115 @@
+"""The run directory: resolved config, metrics.jsonl, sample grids, curve plots, summary.json.
+
+Only rank 0 writes here (checkpoints have their own sub-directory, written by every rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+CURVES = (
+    ("phi_data", "phi_chains"),
+    ("energy_data", "energy_chains"),
+    ("response_distance",),
+)
+
+
+class RunDirectory:
+    """Files of one training run, under `path`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self.checkpoints = self.path / "checkpoints"
+        self.samples = self.path / "samples"
+        self.metrics_file = self.path / "metrics.jsonl"
+
+    def create(self) -> None:
+        for folder in (self.path, self.checkpoints, self.samples):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> dict:
+        file = self.path / "config.yaml"
+        if not file.is_file():
+            raise FileNotFoundError(f"'{self.path}' is not a run directory: it has no config.yaml.")
+        return yaml.safe_load(file.read_text())
+
+    def append_metrics(self, row: dict) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(row, allow_nan=True) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_iteration: int) -> None:
+        """Drop rows logged after `last_iteration` (a resume replays them from its checkpoint)."""
+        rows = [r for r in self.read_metrics() if r["iteration"] <= last_iteration]
+        self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def save_samples(self, samples: torch.Tensor, name: str, reference: torch.Tensor | None = None) -> Path:
+        """A PNG grid of images in [-1, 1], or a scatter plot of 2-D points over the reference."""
+        path = self.samples / f"{name}.png"
+        save_sample_png(samples, path, reference)
+        return path
+
+    def plot_curves(self) -> Path | None:
+        """Energy (Φ and U) and response-distance curves against images seen, as one PNG."""
+        rows = self.read_metrics()
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.5))
+        x = [r["images_seen"] for r in rows]
+        for ax, keys in zip(axes, CURVES):
+            for key in keys:
+                ax.plot(x, [r.get(key, math.nan) for r in rows], label=key)
+            ax.set_xlabel("images seen")
+            ax.legend()
+        axes[-1].set_yscale("log")
+        fig.tight_layout()
+        path = self.path / "curves.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
+    def write_summary(self, summary: dict) -> None:
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def save_sample_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None) -> None:
+    """Write images (N, C, H, W) in [-1, 1] as a grid, or 2-D points as a scatter plot."""
+    samples = samples.detach().float().cpu()
+    if samples.dim() == 4:
+        from torchvision.utils import save_image
+
+        nrow = max(1, int(math.sqrt(min(len(samples), 64))))
+        save_image((samples[:64].clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if reference is not None:
+        ax.scatter(*reference.cpu()[:2000].T, s=2, c="lightgray", label="data")
+    ax.scatter(*samples.T, s=4, c="tab:red", label="samples")
+    ax.set_xlim(-1.1, 1.1)
+    ax.set_ylim(-1.1, 1.1)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,221 @@
+"""The per-process training loop: the same function runs in one process and in a Ray Train worker.
+
+Read it top to bottom: set up (config, rank, seeds, data, model, chains), resume if asked, then
+for each iteration: a data batch → the algorithm's train_step (Langevin on this rank's chains,
+losses, all-reduced gradients, optimiser step) → metrics → collapse check → files and
+checkpoints. Progress is counted in images seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .algorithms import TrainState, get_algorithm
+from .config import RunConfig
+from .data import load_dataset
+from .distributed import ProcessContext, all_reduce_gradients, all_reduce_mean, current_context, make_generator, stream_seed
+from .metrics import CollapseDetector, ResponseDistance
+from .rundir import RunDirectory
+
+log = logging.getLogger(__name__)
+
+class TrainingDiverged(RuntimeError):
+    """Training produced NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopState:
+    """Counters and random streams of this process, next to the algorithm's TrainState."""
+
+    iteration: int
+    images_seen: int
+    generators: dict[str, torch.Generator]
+
+
+def train_loop(loop_config: dict) -> dict:
+    """Train one run and return its summary.
+
+    Args:
+        loop_config: a plain dict (it crosses Ray as is) with
+            config: the RunConfig as a nested dict;
+            run_dir: absolute path of the run directory;
+            resume: continue from the latest checkpoint in run_dir/checkpoints (default False);
+            progress: show a progress bar on rank 0 (default True).
+    """
+    config = RunConfig.from_dict(loop_config["config"])
+    run = RunDirectory(loop_config["run_dir"])
+    ctx = current_context(config.train.device)
+    if ctx.is_main:
+        run.create()
+        run.write_config(config.to_dict())
+
+    # Data: this rank's share of the data set, and its own random streams from (seed, rank).
+    data = load_dataset(config.data).shard(ctx.rank, ctx.world_size)
+    # Data batches are drawn on the CPU, chain noise on the training device.
+    generators = {
+        "data": make_generator(config.train.seed, ctx.rank, "data", torch.device("cpu")),
+        "chains": make_generator(config.train.seed, ctx.rank, "chains", ctx.device),
+    }
+
+    # Model, optimiser and this rank's chain shard (ids rank·bank_size …).
+    algorithm = get_algorithm(config.model.algorithm)
+    state = algorithm.build(
+        config,
+        data.sample_shape,
+        device=ctx.device,
+        generator=generators["chains"],
+        data_mean=data.x.mean(0, keepdim=True),
+        first_chain_id=ctx.rank * config.chains.bank_size,
+    )
+    state.sync_gradients = all_reduce_gradients
+    response = ResponseDistance(
+        data.sample_shape, seed=config.train.response_bank_seed, weights=config.model.filter_bank
+    ).to(ctx.device)
+    collapse = CollapseDetector(config.collapse)
+    loop = LoopState(iteration=0, images_seen=0, generators=generators)
+
+    if loop_config.get("resume"):
+        latest = ckpt.latest_checkpoint(run.checkpoints)
+        if latest is not None:
+            _restore(latest, state, loop, collapse, ctx, config)
+            if ctx.is_main:
+                run.truncate_metrics(loop.iteration)
+                log.info("Resumed from %s at iteration %d", latest, loop.iteration)
+
+    info = {
+        "algorithm": algorithm.name,
+        "energy": type(state.energy).__name__,
+        "filter_bank": getattr(getattr(state.energy, "bank", None), "kind", None),
+        "response_bank": response.kind,
+        "data": data.name,
+        "device": str(ctx.device),
+        "world_size": ctx.world_size,
+    }
+    if ctx.is_main:
+        log.info("Training %s", info)
+    total = config.train.iterations
+    bar = tqdm(
+        total=total,
+        initial=loop.iteration,
+        desc=f"{algorithm.name} on {data.name}",
+        disable=not (ctx.is_main and loop_config.get("progress", True)),
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    status, metrics = "completed", {}
+    while loop.iteration < total:
+        tick = time.perf_counter()
+        y, labels = data.batch(config.train.data_batch_size, loop.generators["data"])
+        y = y.to(ctx.device)
+        out = algorithm.train_step(state, y, labels, generator=loop.generators["chains"])
+        out.metrics["response_distance"] = float(response(out.samples, y))
+        metrics = all_reduce_mean(out.metrics, ctx.device)
+        loop.iteration += 1
+        loop.images_seen += config.train.data_batch_size * ctx.world_size
+        metrics.update(collapse.update(loop.iteration, metrics))
+        metrics.update(iteration=loop.iteration, images_seen=loop.images_seen, seconds=time.perf_counter() - tick)
+
+        if metrics["collapse_reason"] == "nonfinite":
+            status = "diverged"
+            if ctx.is_main:
+                run.append_metrics(metrics)
+            break
+        if ctx.is_main and loop.iteration % config.train.log_every == 0:
+            run.append_metrics(metrics)
+        if ctx.is_main and loop.iteration % config.train.sample_every == 0:
+            run.save_samples(out.samples, f"iter-{loop.iteration:06d}", reference=y)
+        if loop.iteration % config.train.checkpoint_every == 0 or loop.iteration == total:
+            _save(run, state, loop, collapse, ctx, config)
+        bar.update(1)
+        bar.set_postfix(R=f"{metrics['response_distance']:.3g}", phi_gap=f"{metrics['energy_gap_z']:.2g}")
+        if metrics["collapse"] and config.collapse.stop_on_collapse:
+            status = "collapsed"
+            break
+    bar.close()
+
+    summary = {
+        "status": status,
+        "iterations": loop.iteration,
+        "images_seen": loop.images_seen,
+        "wall_time_s": time.perf_counter() - started,
+        "collapsed": collapse.first is not None,
+        "collapse": collapse.first,
+        "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "final_response_distance": _recent_mean(run, "response_distance") if ctx.is_main else None,
+        **info,
+    }
+    if ctx.is_main:
+        run.save_samples(out.samples if loop.iteration else state.banks["chains"].states, "final", reference=data.x)
+        run.plot_curves()
+        run.write_summary(summary)
+    if status == "diverged":
+        last = ckpt.latest_checkpoint(run.checkpoints)
+        raise TrainingDiverged(
+            f"Training diverged at iteration {loop.iteration}: a score, the loss or a chain became NaN/Inf. "
+            f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower optim.lr or "
+            "langevin.step_size (δ²/(2σ²) must stay well below 1), keep langevin.clamp on, or set "
+            "optim.grad_clip; then rerun, or resume from the checkpoint with --resume."
+        )
+    return summary
+
+
+def _recent_mean(run: RunDirectory, key: str, last: int = 10) -> float | None:
+    values = [r[key] for r in run.read_metrics()[-last:] if key in r]
+    return sum(values) / len(values) if values else None
+
+
+def _save(
+    run: RunDirectory, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext, config: RunConfig
+) -> None:
+    """Write this rank's part of the checkpoint at the current iteration (rank 0 adds the shared part)."""
+    directory = run.checkpoints / ckpt.checkpoint_name(loop.iteration)
+    ckpt.write_rank(
+        directory,
+        ctx.rank,
+        {
+            "banks": state.bank_state(),
+            "generators": {k: g.get_state() for k, g in loop.generators.items()},
+            "rank": ctx.rank,
+        },
+    )
+    if ctx.is_main:
+        ckpt.write_shared(
+            directory,
+            {
+                **state.model_state(),
+                "config": config.to_dict(),
+                "iteration": loop.iteration,
+                "images_seen": loop.images_seen,
+                "collapse": collapse.state_dict(),
+                "world_size": ctx.world_size,
+            },
+        )
+        ckpt.prune_checkpoints(run.checkpoints, config.train.keep_checkpoints)
+
+
+def _restore(
+    directory: Path, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext, config: RunConfig
+) -> None:
+    """Load a checkpoint into this process: models, optimisers, its chain shard, its generators."""
+    shared, rank_states = ckpt.read_checkpoint(directory)
+    state.load_model_state(shared)
+    state.load_bank_state(ckpt.bank_shard(rank_states, ctx.rank, ctx.world_size))
+    collapse.load_state_dict(shared["collapse"])
+    loop.iteration, loop.images_seen = shared["iteration"], shared["images_seen"]
+    if len(rank_states) == ctx.world_size:
+        for key, gen in loop.generators.items():
+            gen.set_state(rank_states[ctx.rank]["generators"][key])
+    else:
+        # A new world size means new streams: derive them from (seed, rank, resume iteration).
+        for key, gen in loop.generators.items():
+            gen.manual_seed(stream_seed(config.train.seed + loop.iteration, ctx.rank, key))
+    if not math.isfinite(float(sum(p.sum() for p in state.energy.parameters()))):
+        raise ValueError(f"Checkpoint '{directory}' holds non-finite weights; resume from an earlier one.")
