@@ -158,7 +158,7 @@ class EBMAlgorithm:
             score = energy.score_reaching(cfg.model.penalty_params)
             penalty_prev, penalty_syn = score_grad_penalty(score, x_prev), score_grad_penalty(score, x_syn)
             loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=cfg.model.jko_weight, gamma=gamma)
-            metrics.update(penalty_prev=float(penalty_prev), penalty_syn=float(penalty_syn), gamma=float(gamma))
+            metrics.update(penalty_prev=float(penalty_prev.detach()), penalty_syn=float(penalty_syn.detach()), gamma=float(gamma))
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,9 +21,10 @@ def score_grad_penalty(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torc
 
     `score_fn` decides which parameters the penalty reaches: pass Φ with w detached to reach θ only.
     """
-    x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(score_fn(x).sum(), x, create_graph=True)
-    return grad.flatten(1).pow(2).sum(1).mean()
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(score_fn(x).sum(), x, create_graph=True)
+        return grad.flatten(1).pow(2).sum(1).mean()
 
 
 def jko_loss(

@@ -1,0 +1,95 @@
+"""The training loop end to end through `debm`: run directory, resume, divergence, sampling."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from distributed_ebm.cli import main
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def _sets(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_the_run_directory(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(CONFIGS / "digits_wgcn.yaml"), "--run-dir", str(run), *_sets(tiny_overrides)]) == 0
+    assert "completed: 6 iterations, 96 images seen" in capsys.readouterr().out
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["iterations"] == 6
+    rows = _metrics(run)
+    assert [r["iteration"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["images_seen"] == 96
+    for key in ("phi_data", "phi_chains", "energy_data", "energy_chains", "response_distance",
+                "grad_norm_theta", "grad_norm_w", "seconds", "collapse", "penalty_syn"):
+        assert key in rows[-1], key
+    assert (run / "samples" / "iter-000003.png").is_file() and (run / "samples" / "final.png").is_file()
+    assert (run / "curves.png").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter-00000003", "iter-00000006"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["collapsed"] is False
+    assert summary["filter_bank"] is None and summary["response_bank"].startswith("random")
+
+
+@pytest.mark.parametrize("preset", ["digits_wgcn.yaml", "digits_frame.yaml"])
+def test_resume_continues_bit_for_bit(tmp_path, tiny_overrides, preset):
+    """Stop at iteration 3, resume, and the next iterations equal an uninterrupted run's."""
+    overrides = {**tiny_overrides, "chains.batch_size": 8, "chains.reinit_prob": 0.2}
+    full, part = tmp_path / "full", tmp_path / "part"
+    base = ["train", "--config", str(CONFIGS / preset), *_sets(overrides)]
+    assert main([*base, "--run-dir", str(full)]) == 0
+    assert main([*base, "--run-dir", str(part), "--set", "train.iterations=3"]) == 0
+    assert main([*base, "--run-dir", str(part), "--resume"]) == 0
+    drop = {"seconds"}
+    a = [{k: v for k, v in r.items() if k not in drop} for r in _metrics(full)]
+    b = [{k: v for k, v in r.items() if k not in drop} for r in _metrics(part)]
+    assert a == b
+
+
+def test_resume_discards_metrics_logged_after_the_checkpoint(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    base = ["train", "--run-dir", str(run), *_sets({**tiny_overrides, "train.checkpoint_every": 4})]
+    assert main([*base, "--set", "train.iterations=6"]) == 0  # checkpoints at 4 and 6
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "iter-00000006")  # as if it crashed after logging 5, 6
+    assert main([*base, "--set", "train.iterations=6", "--resume"]) == 0
+    assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_energy_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    # δ²/(2σ²) = 50 without clamping multiplies the chains by −49 per step: Inf, then NaN.
+    diverge = {**tiny_overrides, "langevin.clamp": False, "langevin.step_size": 10.0, "chains.init": "noise",
+               "train.checkpoint_every": 1}
+    code = main(["train", "--run-dir", str(run), *_sets(diverge), "--set", "langevin.langevin_steps=40"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Training diverged at iteration 1" in err and "NaN/Inf" in err and "Lower optim.lr or langevin.step_size" in err
+    assert "no checkpoint was written yet" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["collapse"]["reason"] == "nonfinite"
+
+
+def test_sample_draws_fresh_chains_or_the_bank(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *_sets(tiny_overrides)]) == 0
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--run-dir", str(run), "--num", "5", "--steps", "4", "--out", str(out), "--png", str(tmp_path / "s.png")]) == 0
+    fresh = np.load(out)
+    assert fresh["x"].shape == (5, 1, 8, 8) and "fresh" in str(fresh["source"])
+    assert np.abs(fresh["x"]).max() <= 1.0 and (tmp_path / "s.png").is_file()
+    assert main(["sample", "--run-dir", str(run), "--num", "4", "--from-bank", "--out", str(out)]) == 0
+    assert str(np.load(out)["source"]) == "bank"
+    assert main(["sample", "--run-dir", str(tmp_path / "nothing"), "--num", "4", "--out", str(out)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
