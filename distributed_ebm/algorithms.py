@@ -1,8 +1,13 @@
-"""The learning algorithms (FRAME, wFRAME, GCN, wGCN, …) as one `train_step` each, in a registry.
+"""The learning algorithms of the FRAME family as one `train_step` each, in a registry.
 
-An algorithm builds a `TrainState` (networks, optimisers, chain banks) and advances it by one
-learning iteration. It composes the pure pieces (langevin, losses) and owns no loop, no files and
-no rank logic: the gradient all-reduce is a callable the training loop hands in.
+An algorithm builds a `TrainState` (networks, optimisers, chain and latent banks) and advances it
+by one learning iteration. It composes the pure pieces (langevin, losses) and owns no loop, no
+files and no rank logic: the gradient all-reduce is a callable the training loop hands in.
+
+- FRAME / wFRAME / GCN / wGCN (`EBMAlgorithm`): persistent chains, MLE (+ JKO penalty).
+- MGCN / wMGCN (`MultiGridAlgorithm`): one energy per grid, chains passed coarse to fine.
+- GGCN and its variants (`GGCNAlgorithm`): a generator g(ζ; ξ) starts the chains; learned
+  hidden space (LHS) or fresh ζ (\\LHS); reconstruction or amortised (AMS) generator loss.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .chains import ChainBank
 from .config import ConfigError, OptimConfig, RunConfig
 from .energy import Energy, build_energy
+from .generator import Generator, build_generator
 from .langevin import langevin
-from .losses import energy_u, jko_loss, mle_loss, score_grad_penalty
+from .losses import ams_loss, energy_u, jko_loss, mle_loss, reconstruction_loss, score_grad_penalty
 from .metrics.collapse import energy_gap_z, saturation
 
 GradientSync = Callable[[list[torch.Tensor]], None]
@@ -35,13 +42,18 @@ class TrainState:
     models: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     banks: dict[str, ChainBank]
-    meta: dict = field(default_factory=dict)  # sample_shape, data_mean: what inference needs to rebuild
+    meta: dict = field(default_factory=dict)  # sample_shape, data_mean, num_classes: what inference needs
     data_range: tuple[float, float] = (-1.0, 1.0)
     sync_gradients: GradientSync = field(default=no_sync)
 
     @property
     def energy(self) -> Energy:
-        return self.models["energy"]
+        """The energy Φ (for multi-grid models, the finest grid's)."""
+        return self.models["energy"] if "energy" in self.models else self.models["grids"][-1]
+
+    @property
+    def generator(self) -> Generator | None:
+        return self.models.get("generator")
 
     def model_state(self) -> dict:
         """Networks and optimisers (identical on every rank)."""
@@ -71,7 +83,7 @@ class StepOutput:
     """What one learning iteration reports."""
 
     metrics: dict[str, float]
-    samples: torch.Tensor  # the chains after this iteration's Langevin run (x_syn)
+    samples: torch.Tensor  # the chains after this iteration's Langevin run (x_syn), finest grid
 
 
 def make_optimizer(params: list[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
@@ -88,6 +100,94 @@ def grad_norm(params: list[torch.Tensor]) -> float:
     return float(torch.cat(grads).norm()) if grads else 0.0
 
 
+def run_langevin(state: TrainState, energy: Energy, x0: torch.Tensor, labels: torch.Tensor | None,
+                 generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
+    """Langevin on `energy` from x0 with the run's sampler settings (L steps unless `steps` is given)."""
+    lang = state.config.langevin
+    return langevin(
+        energy.score_fn(labels),
+        x0,
+        steps=lang.langevin_steps if steps is None else steps,
+        step_size=lang.step_size,
+        ref_sigma=lang.ref_sigma,
+        generator=generator,
+        clamp=state.data_range if lang.clamp else None,
+    )
+
+
+def energy_loss(
+    energy: Energy,
+    data: torch.Tensor,
+    data_labels: torch.Tensor | None,
+    x_prev: torch.Tensor,
+    x_syn: torch.Tensor,
+    syn_labels: torch.Tensor | None,
+    *,
+    jko: bool,
+    config: RunConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_mle, or L_w with γ ~ U[0, 1] drawn from `generator`, and the energy metrics."""
+    phi_data, phi_syn = energy(data, data_labels) if data_labels is not None else energy(data), (
+        energy(x_syn, syn_labels) if syn_labels is not None else energy(x_syn)
+    )
+    loss = mle_loss(phi_data, phi_syn)
+    metrics: dict[str, float] = {"loss_mle": float(loss.detach())}
+    if jko:
+        gamma = torch.rand((), generator=generator, device=x_syn.device)
+        score = energy.score_reaching(config.model.penalty_params, syn_labels)
+        penalty_prev, penalty_syn = score_grad_penalty(score, x_prev), score_grad_penalty(score, x_syn)
+        loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=config.model.jko_weight, gamma=gamma)
+        metrics.update(penalty_prev=float(penalty_prev.detach()), penalty_syn=float(penalty_syn.detach()),
+                       gamma=float(gamma))
+    sigma = config.langevin.ref_sigma
+    phi_data, phi_syn = phi_data.detach(), phi_syn.detach()
+    metrics.update(
+        loss=float(loss.detach()),
+        phi_data=float(phi_data.mean()),
+        phi_chains=float(phi_syn.mean()),
+        energy_data=float(energy_u(phi_data, data, ref_sigma=sigma).mean()),
+        energy_chains=float(energy_u(phi_syn, x_syn, ref_sigma=sigma).mean()),
+        energy_gap_z=energy_gap_z(phi_data, phi_syn),
+        chain_saturation=saturation(x_syn),
+        data_saturation=saturation(data),
+        nonfinite=float(not bool(torch.isfinite(x_syn).all() and torch.isfinite(loss))),
+    )
+    return loss, metrics
+
+
+def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, params: list[nn.Parameter],
+                   clip: float | None) -> float:
+    """Backward, all-reduce the gradients, clip, step the optimiser `name`; return the gradient norm."""
+    optimizer = state.optimizers[name]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.sync_gradients([p for p in params if p.grad is not None])
+    norm = grad_norm(params)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return norm
+
+
+def energy_step(state: TrainState, energy: Energy, loss: torch.Tensor) -> dict[str, float]:
+    """One optimiser step on θ and w of `energy` (the "energy" optimiser); gradient norms."""
+    theta, w = energy.split_parameters()
+    optimizer_step(state, "energy", loss, theta + w, state.config.optim.grad_clip)
+    return {"grad_norm_theta": grad_norm(theta), "grad_norm_w": grad_norm(w)}
+
+
+def _num_classes(config: RunConfig, num_classes: int) -> int:
+    if not config.model.conditional:
+        return 0
+    if num_classes < 2:
+        raise ConfigError(
+            "model.conditional needs labelled data with at least 2 classes; this data source has none. "
+            "Use a labelled source (digits, npz with 'y', a folder of class sub-folders) or set model.conditional=false."
+        )
+    return num_classes
+
+
 @dataclass(frozen=True)
 class EBMAlgorithm:
     """FRAME / GCN learning by persistent Langevin chains, with or without the JKO penalty.
@@ -101,99 +201,263 @@ class EBMAlgorithm:
     jko: bool
     description: str
 
-    def build(
-        self,
-        config: RunConfig,
-        sample_shape: tuple[int, ...],
-        *,
-        device: torch.device,
-        generator: torch.Generator,
-        data_mean: torch.Tensor,
-        first_chain_id: int = 0,
-    ) -> TrainState:
+    def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
+              generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
+              rank: int = 0) -> TrainState:
         """Networks (seeded by model.seed, identical on every rank), optimiser and chain bank shard."""
-        energy = build_energy(config.model, sample_shape, config.model.energy or self.default_energy).to(device)
-        params = [p for p in energy.parameters() if p.requires_grad]
+        classes = _num_classes(config, num_classes)
+        energy = build_energy(config.model, sample_shape, config.model.energy or self.default_energy, classes)
+        energy = energy.to(device)
         bank = ChainBank.create(
-            config.chains.bank_size,
-            sample_shape,
-            generator=generator,
-            first_id=first_chain_id,
+            config.chains.bank_size, sample_shape, generator=generator, first_id=rank * config.chains.bank_size,
             device=device,
-            init=config.chains.init,
-            reinit_prob=config.chains.reinit_prob,
-            init_value=data_mean.to(device),
+            init=config.chains.init, reinit_prob=config.chains.reinit_prob, init_value=data_mean.to(device),
+            num_classes=classes,
         )
+        params = [p for p in energy.parameters() if p.requires_grad]
         return TrainState(
             config=config,
             models={"energy": energy},
             optimizers={"energy": make_optimizer(params, config.optim)},
             banks={"chains": bank},
-            meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu()},
+            meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes},
         )
 
-    def train_step(
-        self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *, generator: torch.Generator
-    ) -> StepOutput:
+    def train_step(self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *,
+                   generator: torch.Generator, iteration: int = 0) -> StepOutput:
         """One learning iteration: Langevin on the chains, then one optimiser step on θ, w."""
-        cfg = state.config
-        energy, bank, optimizer = state.energy, state.banks["chains"], state.optimizers["energy"]
+        cfg, energy, bank = state.config, state.energy, state.banks["chains"]
         index, x_prev = bank.sample(cfg.chains.batch_size, generator)
-        x_syn = langevin(
-            energy,
-            x_prev,
-            steps=cfg.langevin.langevin_steps,
-            step_size=cfg.langevin.step_size,
-            ref_sigma=cfg.langevin.ref_sigma,
-            generator=generator,
-            clamp=state.data_range if cfg.langevin.clamp else None,
-        )
+        syn_labels = bank.labels_at(index)
+        x_syn = run_langevin(state, energy, x_prev, syn_labels, generator)
         bank.write(index, x_syn)
-
-        phi_data, phi_syn = energy(data), energy(x_syn)
-        loss = mle_loss(phi_data, phi_syn)
-        metrics: dict[str, float] = {"loss_mle": float(loss.detach())}
-        if self.jko:
-            gamma = torch.rand((), generator=generator, device=x_syn.device)
-            score = energy.score_reaching(cfg.model.penalty_params)
-            penalty_prev, penalty_syn = score_grad_penalty(score, x_prev), score_grad_penalty(score, x_syn)
-            loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=cfg.model.jko_weight, gamma=gamma)
-            metrics.update(penalty_prev=float(penalty_prev.detach()), penalty_syn=float(penalty_syn.detach()), gamma=float(gamma))
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        theta, w = energy.split_parameters()
-        state.sync_gradients([p for p in theta + w if p.grad is not None])
-        metrics.update(grad_norm_theta=grad_norm(theta), grad_norm_w=grad_norm(w))
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(theta + w, cfg.optim.grad_clip)
-        optimizer.step()
-
-        sigma = cfg.langevin.ref_sigma
-        phi_data, phi_syn = phi_data.detach(), phi_syn.detach()
-        metrics.update(
-            loss=float(loss),
-            phi_data=float(phi_data.mean()),
-            phi_chains=float(phi_syn.mean()),
-            energy_data=float(energy_u(phi_data, data, ref_sigma=sigma).mean()),
-            energy_chains=float(energy_u(phi_syn, x_syn, ref_sigma=sigma).mean()),
-            energy_gap_z=energy_gap_z(phi_data, phi_syn),
-            chain_saturation=saturation(x_syn),
-            data_saturation=saturation(data),
-            nonfinite=float(not bool(torch.isfinite(x_syn).all() and torch.isfinite(loss))),
-        )
+        data_labels = labels if syn_labels is not None else None
+        loss, metrics = energy_loss(energy, data, data_labels, x_prev, x_syn, syn_labels, jko=self.jko,
+                                    config=cfg, generator=generator)
+        metrics.update(energy_step(state, energy, loss))
         return StepOutput(metrics, x_syn)
 
+    def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Fresh chains: started like the bank's chains, run `steps` (default langevin.sample_steps)."""
+        x0 = state.banks["chains"].initial_states(num, generator)
+        return run_langevin(state, state.energy, x0, labels, generator, steps or state.config.langevin.sample_steps)
 
-ALGORITHMS: dict[str, EBMAlgorithm] = {
+
+def resample(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Down-sample (area average) or up-sample (`mode`: nearest or bilinear) images to size × size."""
+    if x.shape[-1] == size:
+        return x
+    if x.shape[-1] > size:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+
+def multigrid_chains(
+    energies: list[Energy],
+    x_first: torch.Tensor,
+    sizes: tuple[int, ...],
+    *,
+    upsample: str,
+    sample: Callable[[Energy, torch.Tensor], torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Coarse-to-fine sampling: [(start, final) per grid].
+
+    The first grid starts from `x_first` (the data mean down-sampled to its size); grid s starts
+    from the final chains of grid s−1 up-sampled to its size.
+    """
+    chains, x = [], x_first
+    for energy, size in zip(energies, sizes):
+        start = resample(x, size, upsample)
+        x = sample(energy, start)
+        chains.append((start, x))
+    return chains
+
+
+@dataclass(frozen=True)
+class MultiGridAlgorithm:
+    """MGCN / wMGCN: one ConvNet energy per grid (model.grid_sizes), chains passed coarse to fine.
+
+    The chains are not persistent: each iteration restarts them from the data mean down-sampled
+    to the first grid (ALGORITHMS.md §3), as in multi-grid sampling. Each grid's energy is trained on data
+    down-sampled to its size; the losses of all grids are summed (they share no parameters).
+    """
+
+    name: str
+    jko: bool
+    description: str
+    default_energy: str = "conv"
+
+    def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
+              generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
+              rank: int = 0) -> TrainState:
+        if len(sample_shape) != 3:
+            raise ConfigError(f"Multi-grid models need images; got samples of shape {sample_shape}.")
+        sizes = config.model.grid_sizes
+        if list(sizes) != sorted(sizes) or sizes[-1] != sample_shape[-1]:
+            raise ConfigError(
+                f"model.grid_sizes {list(sizes)} must increase and end at the image size {sample_shape[-1]}."
+            )
+        classes = _num_classes(config, num_classes)
+        energies = nn.ModuleList(
+            build_energy(config.model, (sample_shape[0], s, s), config.model.energy or "conv", classes, seed_offset=i)
+            for i, s in enumerate(sizes)
+        ).to(device)
+        params = [p for p in energies.parameters() if p.requires_grad]
+        return TrainState(
+            config=config,
+            models={"grids": energies},
+            optimizers={"energy": make_optimizer(params, config.optim)},
+            banks={},
+            meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes},
+        )
+
+    def first_grid(self, state: TrainState, batch_size: int) -> torch.Tensor:
+        """`batch_size` copies of the data mean down-sampled to the first grid."""
+        mean = state.meta["data_mean"].to(next(state.models["grids"].parameters()).device)
+        return resample(mean, state.config.model.grid_sizes[0], state.config.model.upsample).expand(
+            batch_size, -1, -1, -1).clone()
+
+    def train_step(self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *,
+                   generator: torch.Generator, iteration: int = 0) -> StepOutput:
+        cfg = state.config
+        energies = list(state.models["grids"])
+        syn_labels = labels[: cfg.chains.batch_size] if state.meta["num_classes"] else None
+
+        def sample(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
+            return run_langevin(state, energy, x0, syn_labels, generator)
+
+        chains = multigrid_chains(energies, self.first_grid(state, cfg.chains.batch_size), cfg.model.grid_sizes,
+                                  upsample=cfg.model.upsample, sample=sample)
+        total, metrics = 0.0, {}
+        for energy, size, (start, final) in zip(energies, cfg.model.grid_sizes, chains):
+            data_labels = labels if syn_labels is not None else None
+            loss, grid_metrics = energy_loss(energy, resample(data, size, cfg.model.upsample), data_labels, start,
+                                             final, syn_labels, jko=self.jko, config=cfg, generator=generator)
+            total = total + loss
+            metrics.update({f"grid{size}_{k}": v for k, v in grid_metrics.items() if k in ("loss", "phi_data", "phi_chains")})
+            metrics.update(grid_metrics)  # the finest grid's metrics stay under the plain names
+        theta, w = [], []
+        for energy in energies:
+            t, v = energy.split_parameters()
+            theta, w = theta + t, w + v
+        optimizer_step(state, "energy", total, theta + w, cfg.optim.grad_clip)
+        metrics.update(grad_norm_theta=grad_norm(theta), grad_norm_w=grad_norm(w),
+                       nonfinite=max(metrics["nonfinite"], float(not torch.isfinite(total).item())))
+        return StepOutput(metrics, chains[-1][1])
+
+    def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Coarse-to-fine chains from the data mean, `steps` (default L) Langevin steps per grid."""
+        chains = multigrid_chains(
+            list(state.models["grids"]), self.first_grid(state, num), state.config.model.grid_sizes,
+            upsample=state.config.model.upsample,
+            sample=lambda energy, x0: run_langevin(state, energy, x0, labels, generator, steps),
+        )
+        return chains[-1][1]
+
+
+@dataclass(frozen=True)
+class GGCNAlgorithm:
+    """GGCN (Algorithm 2): the generator g(ζ; ξ) proposes, Langevin on the wGCN synthesiser refines.
+
+    Each iteration: x = g(ζ) → x̂ = L Langevin steps → θ, w step with L_w(x_prev=x, x_syn=x̂).
+    Every `generator.generator_every` iterations: ξ (Adam) and, with LHS, ζ (SGD, lr ε) step on
+    the reconstruction loss ‖g(ζ) − x̂‖² or, with AMS, on −log p(g(ζ)).
+    """
+
+    name: str
+    learned_latents: bool  # LHS: a persistent, learned latent bank; otherwise fresh ζ ~ N(0, I)
+    amortised: bool  # AMS: generator loss −log p(g(ζ)) instead of reconstruction of x̂
+    description: str
+    jko: bool = True
+    default_energy: str = "conv"
+
+    def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
+              generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
+              rank: int = 0) -> TrainState:
+        classes = _num_classes(config, num_classes)
+        energy = build_energy(config.model, sample_shape, config.model.energy or "conv", classes).to(device)
+        gen_net = build_generator(config.generator, sample_shape, classes, seed=config.model.seed + 1).to(device)
+        gcfg = config.generator
+        latents = ChainBank.create(gcfg.latent_bank_size, (gcfg.latent_dim,), generator=generator,
+                                   first_id=rank * gcfg.latent_bank_size, device=device, init="gaussian",
+                                   num_classes=classes)
+        params = [p for p in energy.parameters() if p.requires_grad]
+        return TrainState(
+            config=config,
+            models={"energy": energy, "generator": gen_net},
+            optimizers={
+                "energy": make_optimizer(params, config.optim),
+                "generator": torch.optim.Adam(gen_net.parameters(), lr=gcfg.lr, betas=gcfg.betas),
+            },
+            banks={"latents": latents},
+            meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes},
+        )
+
+    def train_step(self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *,
+                   generator: torch.Generator, iteration: int = 0) -> StepOutput:
+        cfg, gcfg = state.config, state.config.generator
+        energy, gen_net, latents = state.energy, state.generator, state.banks["latents"]
+        index, z = latents.sample(cfg.chains.batch_size, generator)
+        if not self.learned_latents:
+            z = torch.randn(z.shape, generator=generator, device=z.device)
+        syn_labels = latents.labels_at(index)
+        with torch.no_grad():
+            x = gen_net(z, syn_labels)
+        x_hat = run_langevin(state, energy, x, syn_labels, generator)
+        data_labels = labels if syn_labels is not None else None
+        loss, metrics = energy_loss(energy, data, data_labels, x, x_hat, syn_labels, jko=self.jko, config=cfg,
+                                    generator=generator)
+        metrics.update(energy_step(state, energy, loss))
+        metrics["langevin_shift"] = float((x_hat - x).flatten(1).norm(dim=1).mean())
+
+        if (iteration + 1) % gcfg.generator_every == 0:
+            z = z.detach().requires_grad_(self.learned_latents)
+            out = gen_net(z, syn_labels)
+            if self.amortised:
+                phi = energy(out, syn_labels) if syn_labels is not None else energy(out)
+                gen_loss = ams_loss(phi, out, ref_sigma=cfg.langevin.ref_sigma)
+            else:
+                gen_loss = reconstruction_loss(out, x_hat)
+            if self.learned_latents:
+                (z_grad,) = torch.autograd.grad(gen_loss, z, retain_graph=True)
+                latents.write(index, (z - gcfg.latent_lr * z_grad).detach())
+            params = list(gen_net.parameters())
+            metrics["grad_norm_xi"] = optimizer_step(state, "generator", gen_loss, params, cfg.optim.grad_clip)
+            metrics["loss_generator"] = float(gen_loss.detach())
+        return StepOutput(metrics, x_hat)
+
+    def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
+               labels: torch.Tensor | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """g(ζ) for fresh ζ ~ N(0, I) (or the given latents), refined by `steps` (default L) Langevin steps."""
+        device = next(state.generator.parameters()).device
+        if latents is None:
+            latents = torch.randn((num, state.config.generator.latent_dim), generator=generator, device=device)
+        with torch.no_grad():
+            x = state.generator(latents.to(device), labels)
+        return run_langevin(state, state.energy, x, labels, generator, steps)
+
+
+ALGORITHMS: dict[str, EBMAlgorithm | MultiGridAlgorithm | GGCNAlgorithm] = {
     "frame": EBMAlgorithm("frame", "frame", jko=False, description="FRAME: fixed filter bank, θ by MLE"),
     "wframe": EBMAlgorithm("wframe", "frame", jko=True, description="wFRAME: FRAME with the JKO penalty"),
     "gcn": EBMAlgorithm("gcn", "conv", jko=False, description="GCN: ConvNet filters w and θ by MLE"),
     "wgcn": EBMAlgorithm("wgcn", "conv", jko=True, description="wGCN: GCN with the JKO penalty"),
+    "mgcn": MultiGridAlgorithm("mgcn", jko=False, description="MGCN: one GCN per grid, coarse to fine"),
+    "wmgcn": MultiGridAlgorithm("wmgcn", jko=True, description="wMGCN: MGCN with the JKO penalty"),
+    "ggcn": GGCNAlgorithm("ggcn", learned_latents=True, amortised=False,
+                          description="GGCN: generator + wGCN synthesiser, learned hidden space"),
+    "ggcn_nolhs": GGCNAlgorithm("ggcn_nolhs", learned_latents=False, amortised=False,
+                                description="GGCN\\LHS: fresh latents every iteration"),
+    "ggcn_ams": GGCNAlgorithm("ggcn_ams", learned_latents=True, amortised=True,
+                              description="GGCN+AMS: amortised sampling, learned hidden space"),
+    "ggcn_nolhs_ams": GGCNAlgorithm("ggcn_nolhs_ams", learned_latents=False, amortised=True,
+                                    description="GGCN\\LHS+AMS: amortised sampling, fresh latents"),
 }
 
 
-def get_algorithm(name: str) -> EBMAlgorithm:
+def get_algorithm(name: str):
     """The registered algorithm `name`, or a ConfigError listing the valid names."""
     if name not in ALGORITHMS:
         raise ConfigError(f"Unknown model.algorithm '{name}'. Choose one of {sorted(ALGORITHMS)}.")

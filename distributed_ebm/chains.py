@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-INITS = ("zeros", "noise", "data_mean")
+INITS = ("zeros", "noise", "data_mean", "gaussian")
 
 
 class ChainBank:
@@ -18,9 +18,11 @@ class ChainBank:
         states: the chains (size, *sample_shape).
         ids: a stable id per chain (size,), int64.
         init: how a (re-)initialised chain starts: "zeros" (Algorithm 1, line 1), "noise"
-            (uniform in [-1, 1]) or "data_mean" (the `init_value` image).
+            (uniform in [-1, 1]), "data_mean" (the `init_value` image) or "gaussian" (N(0, I),
+            for banks of latents ζ).
         reinit_prob: probability that a sampled chain restarts from its initial state.
         init_value: the image used by "data_mean".
+        labels: a fixed class label per chain (class-conditional models), or None.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class ChainBank:
         init: str = "zeros",
         reinit_prob: float = 0.0,
         init_value: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ):
         if init not in INITS:
             raise ValueError(f"chains.init must be one of {INITS}, got '{init}'.")
@@ -45,6 +48,7 @@ class ChainBank:
         self.init = init
         self.reinit_prob = reinit_prob
         self.init_value = init_value
+        self.labels = labels
 
     @classmethod
     def create(
@@ -55,12 +59,18 @@ class ChainBank:
         generator: torch.Generator | None = None,
         first_id: int = 0,
         device: torch.device | str = "cpu",
+        num_classes: int = 0,
         **kwargs,
     ) -> ChainBank:
-        """A new bank of `size` chains in their initial state, with ids first_id … first_id+size−1."""
+        """A new bank of `size` chains in their initial state, with ids first_id … first_id+size−1.
+
+        With num_classes > 0 chain `id` carries the fixed label `id mod num_classes`.
+        """
+        ids = torch.arange(first_id, first_id + size, device=device)
         bank = cls(
             torch.zeros(size, *sample_shape, device=device),
-            torch.arange(first_id, first_id + size, device=device),
+            ids,
+            labels=ids % num_classes if num_classes else None,
             **kwargs,
         )
         bank.states = bank.initial_states(size, generator)
@@ -81,6 +91,8 @@ class ChainBank:
             return torch.zeros(shape, device=device)
         if self.init == "noise":
             return torch.rand(shape, generator=generator, device=device) * 2 - 1
+        if self.init == "gaussian":
+            return torch.randn(shape, generator=generator, device=device)
         return self.init_value.to(device).expand(shape).clone()
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,12 +119,21 @@ class ChainBank:
         """Store updated states back at their bank positions."""
         self.states[index] = states.detach().to(self.states.dtype)
 
+    def labels_at(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The fixed labels of the chains at `index` (None for unconditional banks)."""
+        return None if self.labels is None else self.labels[index]
+
     def state_dict(self) -> dict:
-        return {"states": self.states.detach().cpu().clone(), "ids": self.ids.cpu().clone()}
+        state = {"states": self.states.detach().cpu().clone(), "ids": self.ids.cpu().clone()}
+        if self.labels is not None:
+            state["labels"] = self.labels.cpu().clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.states = state["states"].to(self.states.device).clone()
-        self.ids = state["ids"].to(self.states.device).clone()
+        device = self.states.device
+        self.states = state["states"].to(device).clone()
+        self.ids = state["ids"].to(device).clone()
+        self.labels = state["labels"].to(device).clone() if "labels" in state else None
 
 
 def split_bank_states(states: list[dict], world_size: int) -> list[dict]:
@@ -121,13 +142,11 @@ def split_bank_states(states: list[dict], world_size: int) -> list[dict]:
     Chains are concatenated in id order and cut into contiguous, near-equal pieces: every chain
     lands in exactly one new shard.
     """
-    all_states = torch.cat([s["states"] for s in states])
-    all_ids = torch.cat([s["ids"] for s in states])
-    order = torch.argsort(all_ids)
-    all_states, all_ids = all_states[order], all_ids[order]
-    if len(torch.unique(all_ids)) != len(all_ids):
+    keys = [k for k in ("states", "ids", "labels") if k in states[0]]
+    merged = {k: torch.cat([s[k] for s in states]) for k in keys}
+    order = torch.argsort(merged["ids"])
+    merged = {k: v[order] for k, v in merged.items()}
+    if len(torch.unique(merged["ids"])) != len(merged["ids"]):
         raise ValueError("Saved chain shards contain duplicate chain ids.")
-    return [
-        {"states": s.clone(), "ids": i.clone()}
-        for s, i in zip(torch.tensor_split(all_states, world_size), torch.tensor_split(all_ids, world_size))
-    ]
+    pieces = {k: torch.tensor_split(v, world_size) for k, v in merged.items()}
+    return [{k: pieces[k][r].clone() for k in keys} for r in range(world_size)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -43,11 +42,13 @@ def _sample(args: argparse.Namespace) -> int:
     from .rundir import save_sample_png
 
     model = load_run(args.run_dir, device=args.device)
-    samples = model.sample(args.num, steps=args.steps, seed=args.seed, from_bank=args.from_bank)
+    samples = model.sample(args.num, steps=args.steps, seed=args.seed, from_bank=args.from_bank, label=args.label)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    source = "bank" if args.from_bank else f"fresh chains, {args.steps or model.config.langevin.sample_steps} Langevin steps"
-    np.savez(out, x=samples.numpy(), source=source, iteration=model.iteration)
+    source = "bank" if args.from_bank else f"fresh samples ({model.config.model.algorithm}, steps={args.steps or 'default'})"
+    labels = model.labels_for(args.num, args.label)
+    extra = {} if labels is None else {"y": labels.cpu().numpy()}
+    np.savez(out, x=samples.numpy(), source=source, iteration=model.iteration, **extra)
     if args.png:
         save_sample_png(samples, args.png)
     print(f"{len(samples)} samples ({source}) from iteration {model.iteration} written to {out}")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--png", help="also write a PNG grid here")
     sample.add_argument("--steps", type=int, help="Langevin steps for fresh chains (default langevin.sample_steps)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--label", type=int, help="class label K for conditional models")
     sample.add_argument("--from-bank", action="store_true", help="take states from the persistent chain bank instead")
     sample.add_argument("--device", default="cpu")
     sample.set_defaults(func=_sample)

@@ -48,9 +48,27 @@ class ModelConfig:
     filter_bank: str | None = None  # local .pt/.pth file with VGG-16 weights; None: fixed random bank
     filter_layers: int = 4  # conv layers of the VGG-16 layout used as the FRAME filter bank
     theta_layout: str = "position"  # FRAME θ: one weight per "channel" (textures) or per "position"
-    jko_weight: float = 1.0  # β: weight of the JKO / Wasserstein time piece
+    jko_weight: float = 1e-4  # β: weight of the JKO / Wasserstein time piece (measured: docs/defaults.md)
     penalty_params: str = "theta"  # which parameters the JKO penalty's gradient reaches: "theta" | "all"
+    conditional: bool = False  # class-conditional Φ (label projection on θ) and generator input
+    grid_sizes: tuple[int, ...] = (1, 4, 8)  # MGCN / wMGCN: image side of each grid, coarse to fine
+    upsample: str = "nearest"  # MGCN: how chains move to the next grid, "nearest" or "bilinear"
     seed: int = 0  # seed of the network initialisation and of the fixed filter bank
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """GGCN's generator g(ζ; ξ) and its learned hidden space (LHS)."""
+
+    arch: str = "v0"  # "v0" (the paper's Appendix B deconvolutions) or "resnet"
+    latent_dim: int = 128  # d: dimension of ζ
+    base_width: int = 64  # widths are base × (8, 4, 4, 2, 1): 512-256-256-128-64 as in the paper
+    embed_dim: int = 16  # label embedding size for conditional generators
+    lr: float = 2e-4  # Adam learning rate of ξ
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam moment decays of ξ
+    latent_lr: float = 1e-2  # ε: SGD learning rate of ζ (LHS only)
+    generator_every: int = 4  # update ξ (and ζ) every K iterations
+    latent_bank_size: int = 256  # persistent latents ζ (LHS), per process
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,7 @@ class LangevinConfig:
     """Langevin dynamics on x: x ← x + (δ²/2)(∇Φ(x) − x/σ²) + δ·ε."""
 
     langevin_steps: int = 20  # L: steps per learning iteration
-    step_size: float = 0.05  # δ
+    step_size: float = 0.2  # δ (measured on digits: see docs/defaults.md)
     ref_sigma: float = 1.0  # σ: standard deviation of the Gaussian reference q
     clamp: bool = True  # clamp chains to the data range after every step
     sample_steps: int = 200  # steps for fresh chains drawn after training (`debm sample`)
@@ -108,7 +126,7 @@ class CollapseConfig:
     ema: float = 0.9  # smoothing of R and of the energy gap before they are compared
     r_ratio_max: float = 5.0  # collapse when smoothed R exceeds this multiple of its best value
     energy_gap_max: float = 50.0  # collapse when |Φ(data) − Φ(chains)| exceeds this many data-Φ stds
-    saturation_max: float = 0.5  # collapse when this fraction of chain pixels beyond data sits at the bounds
+    saturation_max: float = 0.5  # collapse when chains push this share of data's unsaturated pixels to the bounds
     patience: int = 5  # consecutive iterations a condition must hold
     stop_on_collapse: bool = False  # stop training at collapse (NaN/Inf always stops)
 
@@ -119,6 +137,7 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     langevin: LangevinConfig = field(default_factory=LangevinConfig)
     chains: ChainConfig = field(default_factory=ChainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -50,18 +50,23 @@ class Energy(nn.Module):
                 (theta if name in theta_names else w).append(param)
         return theta, w
 
-    def score_reaching(self, params: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def score_fn(self, labels: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Φ(·) for a fixed batch of labels (class-conditional energies), as the sampler wants it."""
+        return self if labels is None else (lambda x: self(x, labels))
+
+    def score_reaching(self, params: str, labels: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """Φ as a function whose gradients reach only θ (`"theta"`) or every parameter (`"all"`).
 
         Used for the JKO penalty: Algorithm 1 of the GGCN paper lets the penalty move θ only.
         """
         if params == "all":
-            return self
+            return self.score_fn(labels)
         if params != "theta":
             raise ConfigError(f"model.penalty_params must be 'theta' or 'all', got '{params}'.")
         theta_names = self.theta_names()
         detached = {n: (p if n in theta_names else p.detach()) for n, p in self.named_parameters()}
-        return lambda x: torch.func.functional_call(self, detached, (x,))
+        args = () if labels is None else (labels,)
+        return lambda x: torch.func.functional_call(self, detached, (x, *args))
 
 
 class FilterBank(nn.Module):
@@ -161,10 +166,13 @@ class FrameEnergy(Energy):
 class ConvEnergy(Energy):
     """GCN: Φ(x) = θ · f(x; w), a ConvNet f with ReLU filters and a last linear layer θ.
 
-    The first conv keeps the resolution, each following one halves it (down to 2 px).
+    The first conv keeps the resolution, each following one halves it (down to 2 px). With
+    `num_classes` the last layer also projects f onto a label embedding (class-conditional Φ):
+    Φ(x, k) = θ · f(x) + e_k · f(x); the embedding belongs to θ.
     """
 
-    def __init__(self, sample_shape: tuple[int, ...], channels: tuple[int, ...], activation: str = "relu"):
+    def __init__(self, sample_shape: tuple[int, ...], channels: tuple[int, ...], activation: str = "relu",
+                 num_classes: int = 0):
         super().__init__()
         if len(sample_shape) != 3:
             raise ConfigError(
@@ -188,12 +196,22 @@ class ConvEnergy(Energy):
         self.theta = nn.Linear(dim, 1)
         nn.init.zeros_(self.theta.weight)
         nn.init.zeros_(self.theta.bias)
+        self.num_classes = num_classes
+        self.class_theta = nn.Embedding(num_classes, dim) if num_classes else None
+        if self.class_theta is not None:
+            nn.init.zeros_(self.class_theta.weight)
 
     def theta_names(self) -> set[str]:
-        return {"theta.weight", "theta.bias"}
+        return {"theta.weight", "theta.bias", "class_theta.weight"}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.theta(self.features(x).flatten(1)).squeeze(1)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.features(x).flatten(1)
+        phi = self.theta(features).squeeze(1)
+        if self.class_theta is not None:
+            if labels is None:
+                raise ValueError("This energy is class-conditional: pass labels.")
+            phi = phi + (self.class_theta(labels) * features).sum(1)
+        return phi
 
 
 class MLPEnergy(Energy):
@@ -235,15 +253,25 @@ def _frame(config: ModelConfig, sample_shape: tuple[int, ...]) -> Energy:
 
 ENERGIES: dict[str, Callable[[ModelConfig, tuple[int, ...]], Energy]] = {
     "frame": _frame,
-    "conv": lambda c, shape: ConvEnergy(shape, c.channels, c.activation),
+    "conv": lambda c, shape, num_classes=0: ConvEnergy(shape, c.channels, c.activation, num_classes),
     "mlp": lambda c, shape: MLPEnergy(shape, c.channels, c.activation),
 }
+CONDITIONAL_ENERGIES = ("conv",)
 
 
-def build_energy(config: ModelConfig, sample_shape: tuple[int, ...], energy: str) -> Energy:
-    """Build the energy named `energy` for samples of `sample_shape`, seeded by config.seed."""
+def build_energy(
+    config: ModelConfig, sample_shape: tuple[int, ...], energy: str, num_classes: int = 0, seed_offset: int = 0
+) -> Energy:
+    """Build the energy named `energy` for samples of `sample_shape`, seeded by config.seed.
+
+    `num_classes` > 0 builds the class-conditional variant (model.conditional).
+    """
     if energy not in ENERGIES:
         raise ConfigError(f"Unknown model.energy '{energy}'. Choose one of {sorted(ENERGIES)}.")
+    if num_classes and energy not in CONDITIONAL_ENERGIES:
+        raise ConfigError(f"model.conditional needs a conditional energy ({CONDITIONAL_ENERGIES}), not '{energy}'.")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + seed_offset)
+        if num_classes:
+            return ENERGIES[energy](config, tuple(sample_shape), num_classes)
         return ENERGIES[energy](config, tuple(sample_shape))

@@ -47,3 +47,13 @@ def jko_loss(
 def energy_u(phi: torch.Tensor, x: torch.Tensor, *, ref_sigma: float) -> torch.Tensor:
     """U(x) = −Φ(x) + ‖x‖²/(2σ²), the energy including the Gaussian reference, per sample."""
     return -phi + x.flatten(1).pow(2).sum(1) / (2 * ref_sigma**2)
+
+
+def reconstruction_loss(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """GGCN generator loss without AMS (Eq. 19/20): mean over the batch of ‖g(ζ) − x̂‖²."""
+    return (generated - target.detach()).flatten(1).pow(2).sum(1).mean()
+
+
+def ams_loss(phi_generated: torch.Tensor, generated: torch.Tensor, *, ref_sigma: float) -> torch.Tensor:
+    """GGCN+AMS generator loss (Eq. 21–23): −mean log p(g(ζ)) = mean U(g(ζ)), up to log Z."""
+    return energy_u(phi_generated, generated, ref_sigma=ref_sigma).mean()

@@ -21,7 +21,14 @@ from . import checkpoint as ckpt
 from .algorithms import TrainState, get_algorithm
 from .config import RunConfig
 from .data import load_dataset
-from .distributed import ProcessContext, all_reduce_gradients, all_reduce_mean, current_context, make_generator, stream_seed
+from .distributed import (
+    ProcessContext,
+    all_reduce_gradients,
+    all_reduce_mean,
+    current_context,
+    make_generator,
+    stream_seed,
+)
 from .metrics import CollapseDetector, ResponseDistance
 from .rundir import RunDirectory
 
@@ -73,7 +80,8 @@ def train_loop(loop_config: dict) -> dict:
         device=ctx.device,
         generator=generators["chains"],
         data_mean=data.x.mean(0, keepdim=True),
-        first_chain_id=ctx.rank * config.chains.bank_size,
+        num_classes=data.num_classes,
+        rank=ctx.rank,
     )
     state.sync_gradients = all_reduce_gradients
     response = ResponseDistance(
@@ -115,7 +123,8 @@ def train_loop(loop_config: dict) -> dict:
         tick = time.perf_counter()
         y, labels = data.batch(config.train.data_batch_size, loop.generators["data"])
         y = y.to(ctx.device)
-        out = algorithm.train_step(state, y, labels, generator=loop.generators["chains"])
+        labels = None if labels is None else labels.to(ctx.device)
+        out = algorithm.train_step(state, y, labels, generator=loop.generators["chains"], iteration=loop.iteration)
         out.metrics["response_distance"] = float(response(out.samples, y))
         metrics = all_reduce_mean(out.metrics, ctx.device)
         loop.iteration += 1
@@ -153,7 +162,8 @@ def train_loop(loop_config: dict) -> dict:
         **info,
     }
     if ctx.is_main:
-        run.save_samples(out.samples if loop.iteration else state.banks["chains"].states, "final", reference=data.x)
+        if metrics:
+            run.save_samples(out.samples, "final", reference=data.x)
         run.plot_curves()
         run.write_summary(summary)
     if status == "diverged":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import json
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from distributed_ebm.config import load_config, parse_overrides
+from distributed_ebm.metrics.collapse import excess_saturation
 from distributed_ebm.train_loop import TrainingDiverged, train_loop
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = parse_overrides(args.set)
     root = Path(args.runs or tempfile.mkdtemp(prefix="debm-sweep-"))
     keys = [axis[0][0] for axis in axes]
-    header = keys + ["status", "collapse", "final R (mean of last 10)", "chain sat. − data sat.", "wall s"]
+    header = keys + ["status", "collapse", "final R (mean of last 10)", "excess saturation", "wall s"]
     rows = []
     for combo in itertools.product(*axes):
         overrides = {**fixed, **dict(combo)}
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["status"],
                 "no" if collapse is None else f"{collapse['reason']} @ {collapse['iteration']}",
                 f"{summary['final_response_distance']:.4f}" if summary["final_response_distance"] is not None else "nan",
-                f"{final.get('chain_saturation', float('nan')) - final.get('data_saturation', 0.0):+.3f}",
+                f"{excess_saturation(final.get('chain_saturation', math.nan), final.get('data_saturation', 0.0)):+.2f}",
                 f"{summary['wall_time_s']:.0f}",
             ]
         )

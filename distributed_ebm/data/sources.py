@@ -143,7 +143,7 @@ def _texture(config: DataConfig) -> ImageData:
     gen = torch.Generator().manual_seed(0)
     tops = torch.randint(0, h - size + 1, (config.crops,), generator=gen)
     lefts = torch.randint(0, w - size + 1, (config.crops,), generator=gen)
-    crops = torch.stack([image[0, :, t : t + size, l : l + size] for t, l in zip(tops.tolist(), lefts.tolist())])
+    crops = torch.stack([image[0, :, t : t + size, s : s + size] for t, s in zip(tops.tolist(), lefts.tolist())])
     return _finish(crops, None, f"texture-{config.texture}", _without_resize(config))
 
 

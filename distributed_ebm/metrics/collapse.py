@@ -7,8 +7,9 @@ iterations after `warmup`):
 - r_diverged:  the smoothed response distance R exceeds `r_ratio_max` × its best smoothed value;
 - energy_diverged: |mean Φ(data) − mean Φ(chains)| exceeds `energy_gap_max` standard deviations
                of Φ over the data batch (smoothed);
-- saturated:   the fraction of chain entries at the data bounds exceeds the data's own fraction
-               by more than `saturation_max`.
+- saturated:   the chains' excess saturation, (s_chains − s_data) / (1 − s_data) with s the
+               fraction of entries at the bounds of [-1, 1], exceeds `saturation_max`: the share
+               of the data's unsaturated entries that the chains have pushed to the bounds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ BOUND = 0.999  # |x| at or beyond this counts as sitting at the bounds of [-1, 1
 def saturation(x: torch.Tensor) -> float:
     """Fraction of entries of x at or beyond the bounds of [-1, 1]."""
     return float((x.abs() >= BOUND).float().mean())
+
+
+def excess_saturation(chain_saturation: float, data_saturation: float) -> float:
+    """(s_chains − s_data) / (1 − s_data): 0 when chains saturate like data, 1 when fully saturated."""
+    return (chain_saturation - data_saturation) / max(1.0 - data_saturation, 1e-6)
 
 
 def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor) -> float:
@@ -68,7 +74,8 @@ class CollapseDetector:
             conditions = {
                 "r_diverged": self.seen > cfg.warmup and self.r_ema > cfg.r_ratio_max * self.best_r,
                 "energy_diverged": self.seen > cfg.warmup and self.gap_ema > cfg.energy_gap_max,
-                "saturated": metrics["chain_saturation"] - metrics["data_saturation"] > cfg.saturation_max,
+                "saturated": excess_saturation(metrics["chain_saturation"], metrics["data_saturation"])
+                > cfg.saturation_max,
             }
             for name, holds in conditions.items():
                 self.streaks[name] = self.streaks[name] + 1 if holds else 0

@@ -1,0 +1,49 @@
+"""The collapse definition fires on each condition, after warm-up and patience, and not otherwise."""
+
+import math
+
+from distributed_ebm.config import CollapseConfig
+from distributed_ebm.metrics import CollapseDetector
+
+
+def _row(r=0.1, gap=1.0, chain_sat=0.5, data_sat=0.5, nonfinite=0.0):
+    return {"response_distance": r, "energy_gap_z": gap, "chain_saturation": chain_sat,
+            "data_saturation": data_sat, "nonfinite": nonfinite}
+
+
+def _run(rows, **config):
+    detector = CollapseDetector(CollapseConfig(warmup=5, patience=3, ema=0.5, **config))
+    return [detector.update(i + 1, row) for i, row in enumerate(rows)], detector
+
+
+def test_stable_run_never_collapses():
+    out, detector = _run([_row(r=0.1 + 0.01 * math.sin(i)) for i in range(100)])
+    assert not any(o["collapse"] for o in out) and detector.first is None
+
+
+def test_diverging_r_collapses_after_patience():
+    rows = [_row(r=0.1)] * 20 + [_row(r=0.1 * 2 ** k) for k in range(1, 10)]
+    out, detector = _run(rows, r_ratio_max=5.0)
+    assert detector.first["reason"] == "r_diverged"
+    assert 20 < detector.first["iteration"] <= 29
+    assert out[detector.first["iteration"] - 1]["collapse_r_ratio"] > 5.0
+
+
+def test_energy_gap_and_saturation_and_nonfinite():
+    _, det = _run([_row()] * 10 + [_row(gap=500.0)] * 10, energy_gap_max=50.0)
+    assert det.first["reason"] == "energy_diverged"
+    _, det = _run([_row(chain_sat=0.7, data_sat=0.6)] * 3)  # pushed 0.1 of the free 0.4: 0.25
+    assert det.first is None
+    _, det = _run([_row(chain_sat=0.95, data_sat=0.6)] * 3)
+    assert det.first == {"iteration": 3, "reason": "saturated"}
+    out, det = _run([_row(), _row(r=float("nan"))])
+    assert det.first == {"iteration": 2, "reason": "nonfinite"} and out[1]["collapse_reason"] == "nonfinite"
+
+
+def test_warmup_ignores_early_divergence_and_state_round_trips():
+    rows = [_row(r=10.0 / (i + 1), gap=100.0) for i in range(4)]
+    out, det = _run(rows, energy_gap_max=50.0)
+    assert det.first is None
+    clone = CollapseDetector(det.config)
+    clone.load_state_dict(det.state_dict())
+    assert clone.update(5, _row()) == det.update(5, _row())
