@@ -89,14 +89,18 @@ class RunDirectory:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def save_sample_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None) -> None:
-    """Write images (N, C, H, W) in [-1, 1] as a grid, or 2-D points as a scatter plot."""
+def save_sample_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None,
+                    nrow: int | None = None) -> None:
+    """Write images (N, C, H, W) in [-1, 1] as a grid (`nrow` per row, default square, at most 64
+    images unless nrow is given), or 2-D points as a scatter plot."""
     samples = samples.detach().float().cpu()
     if samples.dim() == 4:
         from torchvision.utils import save_image
 
-        nrow = max(1, int(math.sqrt(min(len(samples), 64))))
-        save_image((samples[:64].clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1)
+        if nrow is None:
+            samples = samples[:64]
+            nrow = max(1, int(math.sqrt(len(samples))))
+        save_image((samples.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1)
         return
     import matplotlib
 

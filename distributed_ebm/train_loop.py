@@ -9,7 +9,6 @@ checkpoints. Progress is counted in images seen.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,5 +226,5 @@ def _restore(
         # A new world size means new streams: derive them from (seed, rank, resume iteration).
         for key, gen in loop.generators.items():
             gen.manual_seed(stream_seed(config.train.seed + loop.iteration, ctx.rank, key))
-    if not math.isfinite(float(sum(p.sum() for p in state.energy.parameters()))):
+    if not all(bool(torch.isfinite(p).all()) for model in state.models.values() for p in model.parameters()):
         raise ValueError(f"Checkpoint '{directory}' holds non-finite weights; resume from an earlier one.")

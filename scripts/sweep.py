@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path

@@ -1,0 +1,198 @@
+"""GGCN, MGCN, conditional models, inpainting and interpolation."""
+
+import json
+
+import pytest
+import torch
+
+from distributed_ebm.algorithms import ALGORITHMS, multigrid_chains, resample
+from distributed_ebm.cli import main
+from distributed_ebm.config import GeneratorConfig, load_config
+from distributed_ebm.data import load_dataset
+from distributed_ebm.generator import V0_LAYOUTS, build_generator
+from distributed_ebm.inference import load_run
+from distributed_ebm.inpainting import make_masks
+from distributed_ebm.losses import ams_loss
+from tests.test_train import CONFIGS, _sets
+
+PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("ring"))
+
+
+@pytest.mark.parametrize("arch", ["v0", "resnet"])
+@pytest.mark.parametrize("size", sorted(V0_LAYOUTS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generator_shapes_and_range(arch, size, channels):
+    net = build_generator(GeneratorConfig(arch=arch, latent_dim=8, base_width=4), (channels, size, size), 0, seed=0)
+    with torch.no_grad():
+        x = net(torch.randn(3, 8) * 5)
+    assert x.shape == (3, channels, size, size)
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+
+
+def test_conditional_generator_uses_the_label():
+    net = build_generator(GeneratorConfig(latent_dim=8, base_width=4), (1, 8, 8), 10, seed=0).eval()
+    z = torch.randn(2, 8)
+    a, b = net(z, torch.tensor([0, 0])), net(z, torch.tensor([3, 3]))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="pass labels"):
+        net(z)
+
+
+def test_ams_generator_gradient_matches_finite_differences_of_log_p():
+    config = load_config(CONFIGS / "digits_ggcn_ams.yaml", {"model.channels": [4, 8], "generator.base_width": 2,
+                                                            "generator.latent_dim": 4})
+    state = ALGORITHMS["ggcn_ams"].build(config, (1, 8, 8), device=torch.device("cpu"), generator=torch.Generator(),
+                                         data_mean=torch.zeros(1, 1, 8, 8))
+    energy, net = state.energy.double(), state.generator.double().eval()
+    torch.nn.init.normal_(energy.theta.weight, std=0.3)
+    z = torch.randn(5, 4, dtype=torch.float64)
+    sigma = config.langevin.ref_sigma
+
+    def mean_log_p() -> torch.Tensor:  # log p(x) = Φ(x) − ‖x‖²/(2σ²) + const
+        x = net(z)
+        return (energy(x) - x.flatten(1).pow(2).sum(1) / (2 * sigma**2)).mean()
+
+    x = net(z)
+    loss = ams_loss(energy(x), x, ref_sigma=sigma)
+    params = dict(net.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    for name in ("net.0.weight", "net.12.weight"):
+        param = params[name]
+        for i in (0, param.numel() // 2, param.numel() - 1):
+            eps = 1e-6
+            with torch.no_grad():
+                param.view(-1)[i] += eps
+                plus = mean_log_p().item()
+                param.view(-1)[i] -= 2 * eps
+                minus = mean_log_p().item()
+                param.view(-1)[i] += eps
+            # the AMS loss is −mean log p, so its gradient is minus the finite difference
+            assert grads[name].view(-1)[i].item() == pytest.approx(-(plus - minus) / (2 * eps), rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.parametrize("algorithm,lhs", [("ggcn", True), ("ggcn_ams", True), ("ggcn_nolhs", False)])
+def test_latents_change_only_on_generator_steps_and_only_under_lhs(algorithm, lhs):
+    config = load_config(CONFIGS / "digits_ggcn.yaml", {
+        "model.algorithm": algorithm, "model.channels": [4, 8], "generator.base_width": 2, "generator.latent_dim": 4,
+        "generator.latent_bank_size": 8, "chains.batch_size": 8, "langevin.langevin_steps": 2})
+    algo = ALGORITHMS[algorithm]
+    gen = torch.Generator().manual_seed(0)
+    state = algo.build(config, (1, 8, 8), device=torch.device("cpu"), generator=gen, data_mean=torch.zeros(1, 1, 8, 8))
+    data = torch.rand(8, 1, 8, 8) * 2 - 1
+    xi = [p.detach().clone() for p in state.generator.parameters()]
+    for iteration in range(8):
+        before = state.banks["latents"].states.clone()
+        out = algo.train_step(state, data, None, generator=gen, iteration=iteration)
+        generator_step = (iteration + 1) % 4 == 0
+        changed = not torch.equal(before, state.banks["latents"].states)
+        assert changed == (generator_step and lhs), iteration
+        assert ("loss_generator" in out.metrics) == generator_step
+        if iteration == 2:
+            assert all(torch.equal(a, b) for a, b in zip(xi, state.generator.parameters()))  # ξ untouched so far
+    assert not all(torch.equal(a, b) for a, b in zip(xi, state.generator.parameters()))
+
+
+def test_multigrid_chains_start_from_the_upsampled_previous_grid():
+    config = load_config(CONFIGS / "digits_mgcn.yaml", {"model.channels": [4], "langevin.langevin_steps": 3})
+    algo = ALGORITHMS["mgcn"]
+    mean = torch.rand(1, 1, 8, 8)
+    state = algo.build(config, (1, 8, 8), device=torch.device("cpu"), generator=torch.Generator(), data_mean=mean)
+    gen = torch.Generator().manual_seed(0)
+    chains = multigrid_chains(list(state.models["grids"]), algo.first_grid(state, 5), (1, 4, 8), upsample="nearest",
+                              sample=lambda e, x0: algo_sample(state, e, x0, gen))
+    assert torch.allclose(chains[0][0], mean.mean().expand(5, 1, 1, 1))  # the data mean, down-sampled to 1×1
+    for (start, _), (_, previous) in zip(chains[1:], chains[:-1]):
+        assert torch.equal(start, resample(previous, start.shape[-1], "nearest"))
+        assert not torch.equal(start, _)  # Langevin moved them
+    assert [c[1].shape[-1] for c in chains] == [1, 4, 8]
+
+
+def algo_sample(state, energy, x0, gen):
+    from distributed_ebm.algorithms import run_langevin
+    return run_langevin(state, energy, x0, None, gen)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_and_samples(tmp_path, tiny_overrides, preset):
+    run = tmp_path / "run"
+    overrides = {**tiny_overrides, "generator.base_width": 4, "generator.latent_bank_size": 16}
+    if "cond" in preset:
+        overrides.update({"chains.bank_size": 20, "chains.batch_size": 20, "train.data_batch_size": 20})
+    assert main(["train", "--config", str(CONFIGS / preset), "--run-dir", str(run), *_sets(overrides)]) == 0
+    model = load_run(run)
+    samples = model.sample(3, steps=2)
+    assert samples.shape == (3, *model.sample_shape) and torch.isfinite(samples).all()
+
+
+@pytest.mark.parametrize("preset", ["digits_ggcn.yaml", "digits_mgcn.yaml", "digits_wgcn_cond.yaml"])
+def test_resume_is_exact_for_generators_latents_and_grids(tmp_path, tiny_overrides, preset):
+    overrides = {**tiny_overrides, "generator.base_width": 4, "generator.latent_bank_size": 16,
+                 "generator.generator_every": 2, "train.data_batch_size": 20, "chains.bank_size": 20,
+                 "chains.batch_size": 10}
+    base = ["train", "--config", str(CONFIGS / preset), *_sets(overrides)]
+    assert main([*base, "--run-dir", str(tmp_path / "full")]) == 0
+    assert main([*base, "--run-dir", str(tmp_path / "part"), "--set", "train.iterations=3"]) == 0
+    assert main([*base, "--run-dir", str(tmp_path / "part"), "--resume"]) == 0
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("full", "part")]
+    assert rows[0] == rows[1]
+    full, part = load_run(tmp_path / "full"), load_run(tmp_path / "part")
+    for name, bank in full.state.banks.items():
+        assert torch.equal(bank.states, part.state.banks[name].states)
+    for a, b in zip(full.state.models.values(), part.state.models.values()):
+        for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(va, vb), ka
+
+
+@pytest.fixture(scope="module")
+def ggcn_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ggcn") / "run"
+    overrides = {"train.iterations": 4, "generator.base_width": 4, "model.channels": [8, 16],
+                 "langevin.langevin_steps": 3, "chains.batch_size": 16, "train.data_batch_size": 16}
+    assert main(["train", "--config", str(CONFIGS / "digits_ggcn.yaml"), "--run-dir", str(run), *_sets(overrides)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("method", ["langevin", "generator"])
+@pytest.mark.parametrize("kind", ["square", "spots", "combined"])
+def test_inpainting_never_changes_observed_pixels(ggcn_run, method, kind):
+    model = load_run(ggcn_run)
+    images = load_dataset(model.config.data).x[:6]
+    missing = make_masks(kind, 6, 8, generator=torch.Generator().manual_seed(0))
+    restored = model.inpaint(images, missing, method=method, steps=5)
+    observed = ~missing.bool().expand_as(images)
+    assert torch.equal(restored[observed], images[observed])
+    assert not torch.equal(restored[~observed], images[~observed])
+
+
+def test_inpaint_command_reports_scores(ggcn_run, tmp_path, capsys):
+    assert main(["inpaint", "--run-dir", str(ggcn_run), "--num", "8", "--steps", "3", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "inpainting.json").read_text())
+    assert set(report["masks"]) == {"square", "spots", "combined"}
+    for scores in report["masks"].values():
+        assert scores["mse"] > 0 and 0 < scores["psnr"] < 60 and -1 <= scores["ssim"] <= 1
+    assert (tmp_path / "square.png").is_file()
+
+
+def test_interpolation_endpoints_equal_generated_endpoints(ggcn_run, tmp_path):
+    model = load_run(ggcn_run)
+    latents = model.interpolation_latents(rows=3, midpoints=8, seed=5)
+    images = model.interpolate(rows=3, midpoints=8, seed=5)
+    assert images.shape == (3, 10, 1, 8, 8)
+    assert float(latents.abs().max()) <= 1.0
+    grid = latents.view(3, 10, -1)
+    for column in (0, 9):
+        expected = model.algorithm.sample(model.state, 3, generator=torch.Generator(), steps=0, latents=grid[:, column])
+        assert torch.allclose(images[:, column], expected, atol=1e-6)
+    assert main(["interpolate", "--run-dir", str(ggcn_run), "--rows", "2", "--out", str(tmp_path / "i.png")]) == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "i.png").size == (10 * 9 + 1, 2 * 9 + 1)
+
+
+def test_interpolate_and_label_errors(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(CONFIGS / "digits_wgcn.yaml"), "--run-dir", str(run), *_sets(tiny_overrides)]) == 0
+    assert main(["interpolate", "--run-dir", str(run), "--out", str(tmp_path / "i.png")]) == 2
+    assert "needs a model with a generator" in capsys.readouterr().err
+    assert main(["sample", "--run-dir", str(run), "--label", "3", "--out", str(tmp_path / "s.npz")]) == 2
+    assert "not class-conditional" in capsys.readouterr().err
