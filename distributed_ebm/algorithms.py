@@ -22,6 +22,7 @@ from torch import nn
 from .chains import ChainBank
 from .config import ConfigError, OptimConfig, RunConfig
 from .energy import Energy, build_energy
+from .distributed import shared_generator
 from .generator import Generator, build_generator
 from .langevin import langevin
 from .losses import ams_loss, energy_u, jko_loss, mle_loss, reconstruction_loss, score_grad_penalty
@@ -125,16 +126,17 @@ def energy_loss(
     *,
     jko: bool,
     config: RunConfig,
-    generator: torch.Generator,
+    iteration: int,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_mle, or L_w with γ ~ U[0, 1] drawn from `generator`, and the energy metrics."""
+    """L_mle, or L_w with γ ~ U[0, 1] (one draw per iteration, the same on every rank), and the
+    energy metrics."""
     phi_data, phi_syn = energy(data, data_labels) if data_labels is not None else energy(data), (
         energy(x_syn, syn_labels) if syn_labels is not None else energy(x_syn)
     )
     loss = mle_loss(phi_data, phi_syn)
     metrics: dict[str, float] = {"loss_mle": float(loss.detach())}
     if jko:
-        gamma = torch.rand((), generator=generator, device=x_syn.device)
+        gamma = torch.rand((), generator=shared_generator(config.train.seed, iteration)).to(x_syn.device)
         score = energy.score_reaching(config.model.penalty_params, syn_labels)
         penalty_prev, penalty_syn = score_grad_penalty(score, x_prev), score_grad_penalty(score, x_syn)
         loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=config.model.jko_weight, gamma=gamma)
@@ -233,7 +235,7 @@ class EBMAlgorithm:
         bank.write(index, x_syn)
         data_labels = labels if syn_labels is not None else None
         loss, metrics = energy_loss(energy, data, data_labels, x_prev, x_syn, syn_labels, jko=self.jko,
-                                    config=cfg, generator=generator)
+                                    config=cfg, iteration=iteration)
         metrics.update(energy_step(state, energy, loss))
         return StepOutput(metrics, x_syn)
 
@@ -333,7 +335,7 @@ class MultiGridAlgorithm:
         for energy, size, (start, final) in zip(energies, cfg.model.grid_sizes, chains):
             data_labels = labels if syn_labels is not None else None
             loss, grid_metrics = energy_loss(energy, resample(data, size, cfg.model.upsample), data_labels, start,
-                                             final, syn_labels, jko=self.jko, config=cfg, generator=generator)
+                                             final, syn_labels, jko=self.jko, config=cfg, iteration=iteration)
             total = total + loss
             metrics.update({f"grid{size}_{k}": v for k, v in grid_metrics.items() if k in ("loss", "phi_data", "phi_chains")})
             metrics.update(grid_metrics)  # the finest grid's metrics stay under the plain names
@@ -408,7 +410,7 @@ class GGCNAlgorithm:
         x_hat = run_langevin(state, energy, x, syn_labels, generator)
         data_labels = labels if syn_labels is not None else None
         loss, metrics = energy_loss(energy, data, data_labels, x, x_hat, syn_labels, jko=self.jko, config=cfg,
-                                    generator=generator)
+                                    iteration=iteration)
         metrics.update(energy_step(state, energy, loss))
         metrics["langevin_shift"] = float((x_hat - x).flatten(1).norm(dim=1).mean())
 

@@ -88,3 +88,23 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints."""
     for path in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class LocalCheckpointStore:
+    """Checkpoints as directories under one local root (one process, or ranks sharing a disk)."""
+
+    def __init__(self, root: str | Path, keep: int):
+        self.root, self.keep = Path(root), keep
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint directory, or None."""
+        return latest_checkpoint(self.root)
+
+    def save(self, iteration: int, write, metrics: dict, is_main: bool) -> None:
+        """Let `write(directory)` put this rank's files into the iteration's directory."""
+        write(self.root / checkpoint_name(iteration))
+        if is_main:
+            prune_checkpoints(self.root, self.keep)
+
+    def report(self, metrics: dict) -> None:
+        """Nothing to report outside the run directory."""

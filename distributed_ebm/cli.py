@@ -22,12 +22,16 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     run_dir = Path(args.run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if args.workers > 0:
-        raise ConfigError(
-            "--workers N > 0 (Ray Train) is not available in this version; use --workers 0 for one process."
-        )
-    from .train_loop import train_loop
+        from .trainer import train_distributed
 
-    summary = train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "resume": args.resume})
+        summary = train_distributed(
+            config, run_dir=run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+            address=args.address, storage=args.storage, max_failures=args.max_failures,
+        )
+    else:
+        from .train_loop import train_loop
+
+        summary = train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "resume": args.resume})
     collapse = summary["collapse"]
     print(
         f"{summary['status']}: {summary['iterations']} iterations, {summary['images_seen']} images seen in "
@@ -106,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (one process, or Ray Train workers)")
     train.add_argument("--config", help="YAML preset (see configs/); defaults apply without one")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. langevin.step_size=0.1")
-    train.add_argument("--workers", type=int, default=0, help="0: one process without Ray")
+    train.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0: one process without Ray")
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (NCCL when > 0)")
+    train.add_argument("--address", help="join this Ray cluster (e.g. auto); default: start a local one")
+    train.add_argument("--storage", help="Ray storage for checkpoints: absolute path or URI (s3://…); default RUN_DIR/ray")
+    train.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     train.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in --run-dir (Ray runs resume by run name and storage)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.set_defaults(func=_train)
 

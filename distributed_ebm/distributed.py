@@ -46,7 +46,7 @@ def current_context(device: str = "auto") -> ProcessContext:
 
 def stream_seed(base_seed: int, rank: int, stream: str) -> int:
     """A 63-bit seed derived from (base seed, rank, stream name): independent, reproducible streams."""
-    key = [base_seed, rank] + list(stream.encode())
+    key = [base_seed, rank + 1] + list(stream.encode())  # rank −1 marks streams shared by all ranks
     return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -55,6 +55,12 @@ def make_generator(base_seed: int, rank: int, stream: str, device: torch.device)
     gen = torch.Generator(device=device)
     gen.manual_seed(stream_seed(base_seed, rank, stream))
     return gen
+
+
+def shared_generator(base_seed: int, iteration: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator that gives the same stream on every rank for this iteration (e.g. the JKO γ,
+    which must be one draw per iteration for the whole group)."""
+    return make_generator(base_seed, -1, f"shared-{iteration}", torch.device(device))
 
 
 def all_reduce_gradients(params: list[torch.Tensor]) -> None:

@@ -54,7 +54,11 @@ def train_loop(loop_config: dict) -> dict:
             config: the RunConfig as a nested dict;
             run_dir: absolute path of the run directory;
             resume: continue from the latest checkpoint in run_dir/checkpoints (default False);
-            progress: show a progress bar on rank 0 (default True).
+            progress: show a progress bar on rank 0 (default True);
+            store: where checkpoints go, "local" (run_dir/checkpoints) or "ray" (ray.train.report;
+                a restarted worker group always resumes from Ray's latest checkpoint);
+            callbacks: "module:function" or "/path/file.py:function" specs, each called after
+                every iteration as fn(iteration=, rank=, metrics=) (e.g. to inject a failure).
     """
     config = RunConfig.from_dict(loop_config["config"])
     run = RunDirectory(loop_config["run_dir"])
@@ -88,14 +92,16 @@ def train_loop(loop_config: dict) -> dict:
     ).to(ctx.device)
     collapse = CollapseDetector(config.collapse)
     loop = LoopState(iteration=0, images_seen=0, generators=generators)
+    store = make_store(loop_config.get("store", "local"), run, config)
+    callbacks = [load_callback(spec) for spec in loop_config.get("callbacks", [])]
 
-    if loop_config.get("resume"):
-        latest = ckpt.latest_checkpoint(run.checkpoints)
+    if loop_config.get("resume") or loop_config.get("store") == "ray":
+        latest = store.latest()
         if latest is not None:
             _restore(latest, state, loop, collapse, ctx, config)
             if ctx.is_main:
                 run.truncate_metrics(loop.iteration)
-                log.info("Resumed from %s at iteration %d", latest, loop.iteration)
+                log.warning("Resumed from %s at iteration %d", latest, loop.iteration)
 
     info = {
         "algorithm": algorithm.name,
@@ -141,7 +147,11 @@ def train_loop(loop_config: dict) -> dict:
         if ctx.is_main and loop.iteration % config.train.sample_every == 0:
             run.save_samples(out.samples, f"iter-{loop.iteration:06d}", reference=y)
         if loop.iteration % config.train.checkpoint_every == 0 or loop.iteration == total:
-            _save(run, state, loop, collapse, ctx, config)
+            store.save(loop.iteration, lambda d: _write(d, state, loop, collapse, ctx, config), metrics, ctx.is_main)
+        elif loop.iteration % config.train.log_every == 0:
+            store.report(metrics)
+        for callback in callbacks:
+            callback(iteration=loop.iteration, rank=ctx.rank, metrics=metrics)
         bar.update(1)
         bar.set_postfix(R=f"{metrics['response_distance']:.3g}", phi_gap=f"{metrics['energy_gap_z']:.2g}")
         if metrics["collapse"] and config.collapse.stop_on_collapse:
@@ -166,7 +176,7 @@ def train_loop(loop_config: dict) -> dict:
         run.plot_curves()
         run.write_summary(summary)
     if status == "diverged":
-        last = ckpt.latest_checkpoint(run.checkpoints)
+        last = store.latest()
         raise TrainingDiverged(
             f"Training diverged at iteration {loop.iteration}: a score, the loss or a chain became NaN/Inf. "
             f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower optim.lr or "
@@ -181,11 +191,36 @@ def _recent_mean(run: RunDirectory, key: str, last: int = 10) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _save(
-    run: RunDirectory, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext, config: RunConfig
+def make_store(kind: str, run: RunDirectory, config: RunConfig):
+    """The checkpoint store named `kind`: "local" (run_dir/checkpoints) or "ray" (Ray Train)."""
+    if kind == "local":
+        return ckpt.LocalCheckpointStore(run.checkpoints, config.train.keep_checkpoints)
+    if kind == "ray":
+        from .trainer import RayCheckpointStore
+
+        return RayCheckpointStore()
+    raise ValueError(f"Unknown checkpoint store '{kind}': use 'local' or 'ray'.")
+
+
+def load_callback(spec: str):
+    """Import `module:function` or `/path/to/file.py:function`."""
+    import importlib
+    import importlib.util
+
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return getattr(module, name)
+
+
+def _write(
+    directory: Path, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext, config: RunConfig
 ) -> None:
-    """Write this rank's part of the checkpoint at the current iteration (rank 0 adds the shared part)."""
-    directory = run.checkpoints / ckpt.checkpoint_name(loop.iteration)
+    """Write this rank's part of the checkpoint into `directory` (rank 0 adds the shared part)."""
     ckpt.write_rank(
         directory,
         ctx.rank,
@@ -207,7 +242,6 @@ def _save(
                 "world_size": ctx.world_size,
             },
         )
-        ckpt.prune_checkpoints(run.checkpoints, config.train.keep_checkpoints)
 
 
 def _restore(
