@@ -50,9 +50,9 @@ class RayCheckpointStore:
             )
 
     def report(self, metrics: dict) -> None:
-        import ray.train
-
-        ray.train.report(_plain_metrics(metrics))
+        """Metrics reach Ray only with checkpoints: a ray.train.report costs ~1.7 s here (it
+        synchronises with the controller), 10× a digits iteration. Rank 0 writes every
+        iteration's metrics to the run directory (and MLflow) itself."""
 
 
 def _plain_metrics(metrics: dict) -> dict:
