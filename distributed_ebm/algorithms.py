@@ -21,8 +21,8 @@ from torch import nn
 
 from .chains import ChainBank
 from .config import ConfigError, OptimConfig, RunConfig
-from .energy import Energy, build_energy
 from .distributed import shared_generator
+from .energy import Energy, build_energy
 from .generator import Generator, build_generator
 from .langevin import langevin
 from .losses import ams_loss, energy_u, jko_loss, mle_loss, reconstruction_loss, score_grad_penalty

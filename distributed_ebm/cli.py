@@ -16,7 +16,7 @@ from .config import ConfigError, load_config, parse_overrides
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, parse_overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set + (["tracking.enabled=false"] if args.no_mlflow else [])))
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
@@ -39,6 +39,12 @@ def _train(args: argparse.Namespace) -> int:
         f"collapse: {'none' if collapse is None else collapse['reason'] + ' at iteration ' + str(collapse['iteration'])}; "
         f"run directory {run_dir}"
     )
+    if summary.get("mlflow_run_id"):
+        uri = summary["mlflow_uri"]
+        print(f"MLflow: run {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) at {uri}"
+              + (f"; registered {summary['model_uri']}" if summary.get("model_uri") else ""))
+        ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+        print(f"Look at it: {ui}  (then http://127.0.0.1:5000/#/experiments/{summary['mlflow_experiment_id']})")
     return 0
 
 
@@ -108,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (one process, or Ray Train workers)")
+    train.add_argument("--no-mlflow", action="store_true", help="do not track to MLflow (same as --set tracking.enabled=false)")
     train.add_argument("--config", help="YAML preset (see configs/); defaults apply without one")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. langevin.step_size=0.1")
     train.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0: one process without Ray")

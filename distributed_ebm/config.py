@@ -132,6 +132,17 @@ class CollapseConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking (rank 0 only)."""
+
+    enabled: bool = True  # log params, metrics, artifacts and the final model to MLflow
+    uri: str | None = None  # tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///<absolute cwd>/mlflow.db
+    experiment: str | None = None  # experiment name; None: the run name
+    registered_model: str | None = None  # registered model name; None: the run name
+    flush_every: int = 20  # send buffered metrics every K iterations
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs, composed of one dataclass per concern."""
 
@@ -143,6 +154,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str = "debm"  # run name (also the default MLflow experiment / registered model name)
 
     @classmethod

@@ -112,8 +112,13 @@ def train_loop(loop_config: dict) -> dict:
         "device": str(ctx.device),
         "world_size": ctx.world_size,
     }
+    tracker = None
     if ctx.is_main:
         log.info("Training %s", info)
+        if config.tracking.enabled:
+            from .tracking import Tracker
+
+            tracker = Tracker(config, run.path, info)
     total = config.train.iterations
     bar = tqdm(
         total=total,
@@ -144,6 +149,8 @@ def train_loop(loop_config: dict) -> dict:
             break
         if ctx.is_main and loop.iteration % config.train.log_every == 0:
             run.append_metrics(metrics)
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=loop.images_seen)
         if ctx.is_main and loop.iteration % config.train.sample_every == 0:
             run.save_samples(out.samples, f"iter-{loop.iteration:06d}", reference=y)
         if loop.iteration % config.train.checkpoint_every == 0 or loop.iteration == total:
@@ -170,11 +177,21 @@ def train_loop(loop_config: dict) -> dict:
         "final_response_distance": _recent_mean(run, "response_distance") if ctx.is_main else None,
         **info,
     }
+    if tracker is not None:
+        summary.update(mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri,
+                       mlflow_experiment_id=tracker.experiment_id)
     if ctx.is_main:
         if metrics:
             run.save_samples(out.samples, "final", reference=data.x)
         run.plot_curves()
         run.write_summary(summary)
+        if tracker is not None:
+            tracker.finish(run.path, status)
+        if loop_config.get("store", "local") == "local" and config.tracking.enabled:
+            from .tracking import finish_summary
+
+            summary = finish_summary(summary, config, store.latest())
+            run.write_summary(summary)
     if status == "diverged":
         last = store.latest()
         raise TrainingDiverged(

@@ -101,6 +101,12 @@ def train_distributed(
     storage = storage or str(run_dir / "ray")
     if "://" not in storage and not Path(storage).is_absolute():
         raise ConfigError(f"--storage '{storage}' must be an absolute path or a URI (s3://…, gs://…): workers change directory.")
+    if config.tracking.enabled:
+        from .tracking import check_tracking, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(config.tracking)
+        check_tracking(uri)  # before any worker starts
+        config = config.replace({"tracking.uri": uri})  # workers change directory: the absolute URI
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  **({} if address else {"num_cpus": max(workers, 1)}))
@@ -140,4 +146,9 @@ def train_distributed(
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     summary["ray_storage"] = f"{storage.rstrip('/')}/{config.name}"
+    if config.tracking.enabled and result.checkpoint is not None:
+        from .tracking import finish_summary
+
+        summary = finish_summary(summary, config, target)
+    summary_file.write_text(json.dumps(summary, indent=2))
     return summary

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, preset, overrides in MODELS:
         if args.only and label not in args.only:
             continue
-        config = load_config(CONFIGS / preset, {**overrides, "train.iterations": args.iterations})
+        config = load_config(CONFIGS / preset, {**overrides, "train.iterations": args.iterations, "tracking.enabled": False})
         run_dir = root / label.replace("\\", "-").replace(" ", "_").replace("(", "").replace(")", "")
         summary = train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "progress": False})
         model = load_run(run_dir)

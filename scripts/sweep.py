@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     header = keys + ["status", "collapse", "final R (mean of last 10)", "excess saturation", "wall s"]
     rows = []
     for combo in itertools.product(*axes):
-        overrides = {**fixed, **dict(combo)}
+        overrides = {"tracking.enabled": False, **fixed, **dict(combo)}
         config = load_config(args.config, overrides)
         name = "-".join(f"{k.split('.')[-1]}={v}" for k, v in combo)
         run_dir = root / name

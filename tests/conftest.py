@@ -20,4 +20,20 @@ def tiny_overrides():
         "chains.batch_size": 16,
         "langevin.langevin_steps": 3,
         "model.channels": [8, 16],
+        "tracking.enabled": False,  # MLflow has its own tests (test_tracking.py)
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """The test session tracks into one temporary MLflow store, never into the checkout."""
+    import os
+
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    yield store
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous

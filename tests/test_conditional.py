@@ -17,7 +17,7 @@ AGREEMENT_BAR = 0.35
 def test_conditional_samples_are_classified_as_their_label(tmp_path):
     digits = load_dataset(DataConfig(source="digits"))
     classifier = LogisticRegression(max_iter=3000).fit(digits.x.flatten(1).numpy(), digits.y.numpy())
-    config = load_config(CONFIGS / "digits_wgcn_cond.yaml", {"train.iterations": 150})
+    config = load_config(CONFIGS / "digits_wgcn_cond.yaml", {"train.iterations": 150, "tracking.enabled": False})
     train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / "run"), "progress": False})
     model = load_run(tmp_path / "run")
     agreement = np.mean([

@@ -147,7 +147,7 @@ def test_resume_is_exact_for_generators_latents_and_grids(tmp_path, tiny_overrid
 @pytest.fixture(scope="module")
 def ggcn_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("ggcn") / "run"
-    overrides = {"train.iterations": 4, "generator.base_width": 4, "model.channels": [8, 16],
+    overrides = {"train.iterations": 4, "tracking.enabled": False, "generator.base_width": 4, "model.channels": [8, 16],
                  "langevin.langevin_steps": 3, "chains.batch_size": 16, "train.data_batch_size": 16}
     assert main(["train", "--config", str(CONFIGS / "digits_ggcn.yaml"), "--run-dir", str(run), *_sets(overrides)]) == 0
     return run

@@ -10,7 +10,7 @@ from tests.test_train import CONFIGS
 
 
 def test_wgcn_covers_the_ring_of_eight(tmp_path):
-    config = load_config(CONFIGS / "ring8_wgcn.yaml")
+    config = load_config(CONFIGS / "ring8_wgcn.yaml", {"tracking.enabled": False})
     summary = train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / "run"), "progress": False})
     assert summary["status"] == "completed"
     samples = load_run(tmp_path / "run").sample(1000, seed=1).numpy()  # fresh chains from noise

@@ -72,3 +72,54 @@ def test_crash_resumes_with_every_chain_and_relaunch_resplits(tmp_path, ray_inst
     assert len(read_checkpoint(final)[1]) == 1 and _ids(final) == list(range(16))
     chains = read_checkpoint(final)[1][0]["banks"]["chains"]["states"]
     assert chains.shape == (16, 1, 8, 8) and torch.isfinite(chains).all()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback (sqlite backend, artifacts in a temporary folder)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    process = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{uri}/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not start within 90 s")
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_two_workers_track_to_a_real_mlflow_server(tmp_path, ray_instance, mlflow_server):
+    import mlflow
+
+    config = _config(**{"train.iterations": 4, "tracking.uri": mlflow_server, "tracking.registered_model": "ray-digits"})
+    summary = train_distributed(config, run_dir=tmp_path / "run", workers=2, storage=str(tmp_path / "storage"),
+                                progress=False)
+    assert summary["model_uri"] == "models:/ray-digits/1"
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.algorithm"] == "wgcn"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "phi_data")]
+    assert steps == [32, 64, 96, 128]  # 2 workers × 16 images per iteration
+    assert "samples" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.get_model_version("ray-digits", "1").run_id == run.info.run_id

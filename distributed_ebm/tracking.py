@@ -1,0 +1,127 @@
+"""MLflow: params, per-iteration metrics (step = images seen), artifacts and the registered model.
+
+Only rank 0 talks to MLflow. The tracking URI comes from the config, else MLFLOW_TRACKING_URI,
+else an absolute `sqlite:///…/mlflow.db` in the launching directory, so that workers that change
+directory still write to the same store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, TrackingConfig, flatten
+
+log = logging.getLogger(__name__)
+
+
+def resolve_tracking_uri(config: TrackingConfig) -> str:
+    """The tracking URI this run uses (absolute for file and sqlite stores)."""
+    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail early, with the fix, when an HTTP tracking server does not answer (before any worker starts)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as err:
+        raise ConfigError(
+            f"The MLflow tracking server at {uri} does not answer ({type(err).__name__}). Start it "
+            "(mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db), fix "
+            "tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false to train without MLflow."
+        ) from None
+
+
+class Tracker:
+    """One MLflow run for one training run, written from rank 0."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, info: dict):
+        import mlflow
+
+        self.config = config
+        self.uri = resolve_tracking_uri(config.tracking)
+        self.client = mlflow.MlflowClient(self.uri)
+        experiment = config.tracking.experiment or config.name
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        existing = self.client.search_runs([experiment_id], filter_string=f"tags.debm_run_dir = '{run_dir}'",
+                                           max_results=1)
+        if existing:  # a resumed run continues its MLflow run
+            self.run_id = existing[0].info.run_id
+        else:
+            run = self.client.create_run(experiment_id, run_name=run_dir.name,
+                                         tags={"debm_run_dir": str(run_dir), **{f"debm.{k}": str(v) for k, v in info.items()}})
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(config.to_dict()).items()]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.experiment_id = experiment_id
+        self.buffer: list = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """Buffer one iteration's numeric metrics (step = images seen); sent every flush_every."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and k not in ("iteration",)]
+        if len(self.buffer) >= 20 * self.config.tracking.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self.buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self.buffer[start : start + 1000])
+        self.buffer = []
+
+    def finish(self, run_dir: Path, status: str) -> None:
+        """Send the last metrics, log the run directory's files as artifacts and close the run."""
+        self.flush()
+        for name in ("config.yaml", "summary.json", "curves.png", "metrics.jsonl"):
+            if (run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(run_dir / name))
+        if (run_dir / "samples").is_dir():
+            self.client.log_artifacts(self.run_id, str(run_dir / "samples"), "samples")
+        self.client.set_terminated(self.run_id, "FAILED" if status == "diverged" else "FINISHED")
+
+
+def register_model(uri: str, run_id: str, checkpoint: Path, name: str) -> str:
+    """Log the checkpoint bundle as a pyfunc model in the run and register a new version of `name`;
+    return its URI `models:/NAME/VERSION`."""
+    import mlflow
+    import torch
+
+    from .serving import EBMModel
+
+    mlflow.set_tracking_uri(uri)
+    # Explicit requirements: inferring them imports the model in a subprocess (seconds per run).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "distributed_ebm"]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=EBMModel(), artifacts={"checkpoint": str(checkpoint)},
+                                       registered_model_name=name, pip_requirements=requirements)
+    log.info("Registered %s version %s", name, info.registered_model_version)
+    return f"models:/{name}/{info.registered_model_version}"
+
+
+def finish_summary(summary: dict, config: RunConfig, checkpoint: Path | None) -> dict:
+    """Register the final checkpoint (when the run tracked to MLflow and did not diverge) and add
+    the model URI and how to look at the run to the summary."""
+    if not summary.get("mlflow_run_id") or checkpoint is None or summary.get("status") == "diverged":
+        return summary
+    name = config.tracking.registered_model or config.name
+    summary["model_uri"] = register_model(summary["mlflow_uri"], summary["mlflow_run_id"], checkpoint, name)
+    return summary
