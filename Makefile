@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/debm train --config configs/digits_wgcn.yaml
+	.venv/bin/debm train --config configs/digits_wgcn.yaml --workers 2
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" --timeout=600

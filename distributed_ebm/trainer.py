@@ -107,7 +107,8 @@ def train_distributed(
         uri = resolve_tracking_uri(config.tracking)
         check_tracking(uri)  # before any worker starts
         config = config.replace({"tracking.uri": uri})  # workers change directory: the absolute URI
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  **({} if address else {"num_cpus": max(workers, 1)}))
     cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers) if not address else 1
@@ -131,7 +132,11 @@ def train_distributed(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()  # also flushes the workers' logs before the summary is printed
     if result.error is not None:
         raise result.error
     if result.checkpoint is not None:
