@@ -107,12 +107,16 @@ def register_model(uri: str, run_id: str, checkpoint: Path, name: str) -> str:
 
     from .serving import EBMModel
 
-    mlflow.set_tracking_uri(uri)
     # Explicit requirements: inferring them imports the model in a subprocess (seconds per run).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "distributed_ebm"]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=EBMModel(), artifacts={"checkpoint": str(checkpoint)},
-                                       registered_model_name=name, pip_requirements=requirements)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # fluent API only; restored so the caller's process is left as it was
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=EBMModel(), artifacts={"checkpoint": str(checkpoint)},
+                                           registered_model_name=name, pip_requirements=requirements)
+    finally:
+        mlflow.set_tracking_uri(previous)
     log.info("Registered %s version %s", name, info.registered_model_version)
     return f"models:/{name}/{info.registered_model_version}"
 

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import os
 
 import mlflow
 import pandas as pd
@@ -22,7 +23,9 @@ def test_run_is_tracked_and_registered(tmp_path, tiny_overrides, capsys):
     assert main(["train", "--config", str(CONFIGS / "digits_wgcn.yaml"), "--run-dir", str(run), *_sets(overrides)]) == 0
     out = capsys.readouterr().out
     assert "registered models:/digits-test/" in out and "mlflow ui --backend-store-uri sqlite:///" in out
-    client = mlflow.MlflowClient()
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("digits-wgcn").experiment_id],
                               filter_string=f"tags.debm_run_dir = '{run}'")
     assert len(runs) == 1
