@@ -158,25 +158,45 @@ def energy_loss(
     return loss, metrics
 
 
-def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, params: list[nn.Parameter],
-                   clip: float | None) -> float:
-    """Backward, all-reduce the gradients, clip, step the optimiser `name`; return the gradient norm."""
+def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dict[str, list[nn.Parameter]],
+                   clip: float | None) -> dict[str, float]:
+    """Backward, all-reduce the gradients, clip, step the optimiser `name`.
+
+    Returns the all-reduced gradient norm of each parameter group, before clipping."""
+    params = [p for group in groups.values() for p in group]
     optimizer = state.optimizers[name]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.sync_gradients([p for p in params if p.grad is not None])
-    norm = grad_norm(params)
+    norms = {f"grad_norm_{k}": grad_norm(v) for k, v in groups.items()}
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
-    return norm
+    return norms
 
 
 def energy_step(state: TrainState, energy: Energy, loss: torch.Tensor) -> dict[str, float]:
     """One optimiser step on θ and w of `energy` (the "energy" optimiser); gradient norms."""
     theta, w = energy.split_parameters()
-    optimizer_step(state, "energy", loss, theta + w, state.config.optim.grad_clip)
-    return {"grad_norm_theta": grad_norm(theta), "grad_norm_w": grad_norm(w)}
+    return optimizer_step(state, "energy", loss, {"theta": theta, "w": w}, state.config.optim.grad_clip)
+
+
+def chains_per_step(batch_size: int, bank_size: int, bank: ChainBank) -> int:
+    """How many chains of this rank's bank one iteration updates.
+
+    `batch_size == bank_size` in the config means "every chain of the shard" (Algorithm 1); it
+    stays so when a resume on another number of workers re-splits the bank into shards of a
+    different size. Otherwise the configured batch must fit the shard.
+    """
+    if batch_size == bank_size:
+        return len(bank)
+    if batch_size > len(bank):
+        raise ConfigError(
+            f"chains.batch_size ({batch_size}) exceeds this worker's {len(bank)} chains (after re-splitting "
+            "the bank for a new number of workers). Lower chains.batch_size, or set it equal to the bank size "
+            "to update every chain of each shard."
+        )
+    return batch_size
 
 
 def _num_classes(config: RunConfig, num_classes: int) -> int:
@@ -229,7 +249,7 @@ class EBMAlgorithm:
                    generator: torch.Generator, iteration: int = 0) -> StepOutput:
         """One learning iteration: Langevin on the chains, then one optimiser step on θ, w."""
         cfg, energy, bank = state.config, state.energy, state.banks["chains"]
-        index, x_prev = bank.sample(cfg.chains.batch_size, generator)
+        index, x_prev = bank.sample(chains_per_step(cfg.chains.batch_size, cfg.chains.bank_size, bank), generator)
         syn_labels = bank.labels_at(index)
         x_syn = run_langevin(state, energy, x_prev, syn_labels, generator)
         bank.write(index, x_syn)
@@ -243,7 +263,8 @@ class EBMAlgorithm:
                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Fresh chains: started like the bank's chains, run `steps` (default langevin.sample_steps)."""
         x0 = state.banks["chains"].initial_states(num, generator)
-        return run_langevin(state, state.energy, x0, labels, generator, steps or state.config.langevin.sample_steps)
+        steps = state.config.langevin.sample_steps if steps is None else steps
+        return run_langevin(state, state.energy, x0, labels, generator, steps)
 
 
 def resample(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -343,9 +364,8 @@ class MultiGridAlgorithm:
         for energy in energies:
             t, v = energy.split_parameters()
             theta, w = theta + t, w + v
-        optimizer_step(state, "energy", total, theta + w, cfg.optim.grad_clip)
-        metrics.update(grad_norm_theta=grad_norm(theta), grad_norm_w=grad_norm(w),
-                       nonfinite=max(metrics["nonfinite"], float(not torch.isfinite(total).item())))
+        metrics.update(optimizer_step(state, "energy", total, {"theta": theta, "w": w}, cfg.optim.grad_clip))
+        metrics["nonfinite"] = max(metrics["nonfinite"], float(not torch.isfinite(total).item()))
         return StepOutput(metrics, chains[-1][1])
 
     def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
@@ -401,7 +421,7 @@ class GGCNAlgorithm:
                    generator: torch.Generator, iteration: int = 0) -> StepOutput:
         cfg, gcfg = state.config, state.config.generator
         energy, gen_net, latents = state.energy, state.generator, state.banks["latents"]
-        index, z = latents.sample(cfg.chains.batch_size, generator)
+        index, z = latents.sample(chains_per_step(cfg.chains.batch_size, gcfg.latent_bank_size, latents), generator)
         if not self.learned_latents:
             z = torch.randn(z.shape, generator=generator, device=z.device)
         syn_labels = latents.labels_at(index)
@@ -423,10 +443,13 @@ class GGCNAlgorithm:
             else:
                 gen_loss = reconstruction_loss(out, x_hat)
             if self.learned_latents:
-                (z_grad,) = torch.autograd.grad(gen_loss, z, retain_graph=True)
+                # ζ_i ← ζ_i − ε ∂ℓ_i/∂ζ_i with ℓ_i the sample's own loss: the gradient of the batch
+                # sum, so the step depends neither on the batch size nor on the number of workers.
+                (z_grad,) = torch.autograd.grad(gen_loss * len(z), z, retain_graph=True)
                 latents.write(index, (z - gcfg.latent_lr * z_grad).detach())
-            params = list(gen_net.parameters())
-            metrics["grad_norm_xi"] = optimizer_step(state, "generator", gen_loss, params, cfg.optim.grad_clip)
+            # Only ξ (and ζ above) step here; the energy's .grad is cleared before its next step.
+            metrics.update(optimizer_step(state, "generator", gen_loss, {"xi": list(gen_net.parameters())},
+                                          cfg.optim.grad_clip))
             metrics["loss_generator"] = float(gen_loss.detach())
         return StepOutput(metrics, x_hat)
 

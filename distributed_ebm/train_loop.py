@@ -68,7 +68,9 @@ def train_loop(loop_config: dict) -> dict:
         run.write_config(config.to_dict())
 
     # Data: this rank's share of the data set, and its own random streams from (seed, rank).
-    data = load_dataset(config.data).shard(ctx.rank, ctx.world_size)
+    full_data = load_dataset(config.data)
+    data_mean = full_data.x.mean(0, keepdim=True)  # of the whole data set: the same on every rank
+    data = full_data.shard(ctx.rank, ctx.world_size)
     # Data batches are drawn on the CPU, chain noise on the training device.
     generators = {
         "data": make_generator(config.train.seed, ctx.rank, "data", torch.device("cpu")),
@@ -82,7 +84,7 @@ def train_loop(loop_config: dict) -> dict:
         data.sample_shape,
         device=ctx.device,
         generator=generators["chains"],
-        data_mean=data.x.mean(0, keepdim=True),
+        data_mean=data_mean,
         num_classes=data.num_classes,
         rank=ctx.rank,
     )

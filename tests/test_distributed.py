@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -76,3 +77,37 @@ def test_two_workers_equal_one_worker_on_the_global_batch_wgcn(tmp_path):
 
 def test_two_workers_equal_one_worker_on_the_global_batch_gcn(tmp_path):
     _check(tmp_path, "gcn")
+
+
+def _loop_worker(rank, world, init_file, run_dir, iterations, resume, preset):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from distributed_ebm.train_loop import train_loop
+
+    config = load_config(CONFIGS / preset, {
+        "train.iterations": iterations, "train.checkpoint_every": 2, "train.data_batch_size": 8,
+        "chains.bank_size": 6, "chains.batch_size": 6, "langevin.langevin_steps": 2, "model.channels": [4, 8],
+        "generator.base_width": 2, "generator.latent_bank_size": 6, "tracking.enabled": False})
+    train_loop({"config": config.to_dict(), "run_dir": run_dir, "progress": False, "resume": resume})
+    dist.destroy_process_group()
+
+
+def _run_group(world, tmp_path, tag, iterations, resume, preset):
+    mp.start_processes(_loop_worker, args=(world, str(tmp_path / f"init-{tag}"), str(tmp_path / "run"), iterations,
+                                           resume, preset), nprocs=world, start_method="fork")
+
+
+@pytest.mark.parametrize("preset,bank", [("digits_wgcn.yaml", "chains"), ("digits_ggcn.yaml", "latents")])
+def test_resume_on_more_workers_resplits_every_chain(tmp_path, preset, bank):
+    from distributed_ebm.checkpoint import read_checkpoint
+
+    _run_group(2, tmp_path, "a", 4, False, preset)
+    _, before = read_checkpoint(tmp_path / "run" / "checkpoints" / "iter-00000004")
+    states = {int(i): s for r in before for i, s in zip(r["banks"][bank]["ids"], r["banks"][bank]["states"])}
+    _run_group(3, tmp_path, "b", 4, True, preset)  # nothing to do: same checkpoint, re-split on load
+    _run_group(3, tmp_path, "c", 6, True, preset)
+    shared, after = read_checkpoint(tmp_path / "run" / "checkpoints" / "iter-00000006")
+    assert shared["world_size"] == 3 and len(after) == 3
+    ids = sorted(int(i) for r in after for i in r["banks"][bank]["ids"])
+    assert ids == sorted(states) == list(range(12))
+    assert [len(r["banks"][bank]["ids"]) for r in after] == [4, 4, 4]
