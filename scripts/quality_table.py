@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tables import emit_table
 
 from distributed_ebm.config import load_config, parse_overrides
 from distributed_ebm.data import load_dataset
@@ -99,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([label, preset + "".join(f" {k}={v}" for k, v in overrides.items()), covered, fd, bank_fd, agree,
                      f"{summary['wall_time_s']:.0f}"])
         print(" | ".join(rows[-1]), flush=True)
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                      + ["| " + " | ".join(r) + " |" for r in rows])
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit_table(header, rows, args.out)
     return 0
 
 

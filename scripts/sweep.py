@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from tables import emit_table
 
 from distributed_ebm.config import load_config, parse_overrides
 from distributed_ebm.metrics.collapse import excess_saturation
@@ -66,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
         print(" | ".join(rows[-1]), flush=True)
-    table = "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    )
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit_table(header, rows, args.out)
     return 0
 
 
