@@ -35,12 +35,6 @@ class RunDirectory:
     def write_config(self, config: dict) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def read_config(self) -> dict:
-        file = self.path / "config.yaml"
-        if not file.is_file():
-            raise FileNotFoundError(f"'{self.path}' is not a run directory: it has no config.yaml.")
-        return yaml.safe_load(file.read_text())
-
     def append_metrics(self, row: dict) -> None:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(row, allow_nan=True) + "\n")

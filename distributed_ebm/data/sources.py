@@ -43,10 +43,6 @@ class ImageData:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    @property
-    def is_image(self) -> bool:
-        return self.x.dim() == 4
-
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """n samples drawn uniformly with replacement (so a few-image set still fills a batch)."""
         index = torch.randint(len(self), (n,), generator=generator)
