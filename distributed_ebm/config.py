@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where training images come from and how they are shaped."""
 
-    source: str = "digits"  # a name in distributed_ebm.data.SOURCES
+    source: str = "digits"  # a name in distributed_ebm.data.SOURCES, or "webdataset"
     path: str | None = None  # file or folder for the `npz` and `folder` sources
     image_size: int | None = None  # side in pixels after resizing; None keeps the source's size
     grayscale: bool | None = None  # force one channel (True) or three (False); None keeps the source's
@@ -35,6 +35,16 @@ class DataConfig:
     num_points: int = 4096  # samples drawn for the 2-D mixture sources
     mixture_std: float = 0.05  # standard deviation of each mixture component (in data units)
     labels: bool = True  # keep class labels where the source has them
+    # WebDataset shards (source `webdataset`; see distributed_ebm/data/stream.py):
+    urls: str | None = None  # path, brace pattern, http(s):// or pipe: URL(s) of the shards
+    loader_workers: int = 2  # DataLoader worker processes per rank that read and decode shards
+    prefetch: int = 4  # batches each loader worker prepares ahead
+    shuffle_shards: bool = True  # permute the shard list every epoch (same permutation on all ranks)
+    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (1: no shuffling)
+    resampled: bool = False  # draw shards with replacement; an epoch is epoch_batches per rank
+    epoch_batches: int | None = None  # resampled: batches per rank per epoch (None: from manifest.json)
+    num_classes: int | None = None  # classes of labelled shards (None: from manifest.json)
+    mean_samples: int = 256  # first samples read before training (data mean, image size, checks)
 
 
 @dataclass(frozen=True)

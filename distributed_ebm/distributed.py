@@ -77,12 +77,13 @@ def all_reduce_gradients(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar metrics over the group (identity in one process)."""
+def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """Average scalar metrics over the group (identity in one process); `sum_keys` are summed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     keys = sorted(k for k, v in values.items() if isinstance(v, float))
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    tensor /= dist.get_world_size()
-    return {**values, **dict(zip(keys, tensor.tolist()))}
+    scale = torch.tensor([1.0 if k in sum_keys else 1.0 / dist.get_world_size() for k in keys],
+                         dtype=torch.float64, device=device)
+    return {**values, **dict(zip(keys, (tensor * scale).tolist()))}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .algorithms import TrainState, get_algorithm
 from .config import RunConfig
-from .data import load_dataset
+from .data import training_data
 from .distributed import (
     ProcessContext,
     all_reduce_gradients,
@@ -67,10 +67,9 @@ def train_loop(loop_config: dict) -> dict:
         run.create()
         run.write_config(config.to_dict())
 
-    # Data: this rank's share of the data set, and its own random streams from (seed, rank).
-    full_data = load_dataset(config.data)
-    data_mean = full_data.x.mean(0, keepdim=True)  # of the whole data set: the same on every rank
-    data = full_data.shard(ctx.rank, ctx.world_size)
+    # Data: this rank's share of the data set (or of the shards), and its own random streams
+    # from (seed, rank). The data mean is the whole data set's: the same on every rank.
+    data, data_mean = training_data(config, ctx.rank, ctx.world_size, ctx.device)
     # Data batches are drawn on the CPU, chain noise on the training device.
     generators = {
         "data": make_generator(config.train.seed, ctx.rank, "data", torch.device("cpu")),
@@ -100,7 +99,7 @@ def train_loop(loop_config: dict) -> dict:
     if loop_config.get("resume") or loop_config.get("store") == "ray":
         latest = store.latest()
         if latest is not None:
-            _restore(latest, state, loop, collapse, ctx, config)
+            _restore(latest, state, loop, collapse, ctx, config, data)
             if ctx.is_main:
                 run.truncate_metrics(loop.iteration)
                 log.warning("Resumed from %s at iteration %d", latest, loop.iteration)
@@ -138,7 +137,8 @@ def train_loop(loop_config: dict) -> dict:
         labels = None if labels is None else labels.to(ctx.device)
         out = algorithm.train_step(state, y, labels, generator=loop.generators["chains"], iteration=loop.iteration)
         out.metrics["response_distance"] = float(response(out.samples, y))
-        metrics = all_reduce_mean(out.metrics, ctx.device)
+        out.metrics.update(data.counters())
+        metrics = all_reduce_mean(out.metrics, ctx.device, sum_keys=("data_corrupt", "data_bad_shards"))
         loop.iteration += 1
         loop.images_seen += config.train.data_batch_size * ctx.world_size
         metrics.update(collapse.update(loop.iteration, metrics))
@@ -156,7 +156,7 @@ def train_loop(loop_config: dict) -> dict:
         if ctx.is_main and loop.iteration % config.train.sample_every == 0:
             run.save_samples(out.samples, f"iter-{loop.iteration:06d}", reference=y)
         if loop.iteration % config.train.checkpoint_every == 0 or loop.iteration == total:
-            store.save(loop.iteration, lambda d: _write(d, state, loop, collapse, ctx, config), metrics, ctx.is_main)
+            store.save(loop.iteration, lambda d: _write(d, state, loop, collapse, ctx, config, data), metrics, ctx.is_main)
         elif loop.iteration % config.train.log_every == 0:
             store.report(metrics)
         for callback in callbacks:
@@ -184,7 +184,7 @@ def train_loop(loop_config: dict) -> dict:
                        mlflow_experiment_id=tracker.experiment_id)
     if ctx.is_main:
         if metrics:
-            run.save_samples(out.samples, "final", reference=data.x)
+            run.save_samples(out.samples, "final", reference=data.reference)
         run.plot_curves()
         run.write_summary(summary)
         if tracker is not None:
@@ -237,7 +237,8 @@ def load_callback(spec: str):
 
 
 def _write(
-    directory: Path, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext, config: RunConfig
+    directory: Path, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext,
+    config: RunConfig, data,
 ) -> None:
     """Write this rank's part of the checkpoint into `directory` (rank 0 adds the shared part)."""
     ckpt.write_rank(
@@ -246,6 +247,7 @@ def _write(
         {
             "banks": state.bank_state(),
             "generators": {k: g.get_state() for k, g in loop.generators.items()},
+            "data": data.state_dict(),  # a stream's read positions (None for in-memory data)
             "rank": ctx.rank,
         },
     )
@@ -264,7 +266,8 @@ def _write(
 
 
 def _restore(
-    directory: Path, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext, config: RunConfig
+    directory: Path, state: TrainState, loop: LoopState, collapse: CollapseDetector, ctx: ProcessContext,
+    config: RunConfig, data,
 ) -> None:
     """Load a checkpoint into this process: models, optimisers, its chain shard, its generators."""
     shared, rank_states = ckpt.read_checkpoint(directory)
@@ -272,7 +275,9 @@ def _restore(
     state.load_bank_state(ckpt.bank_shard(rank_states, ctx.rank, ctx.world_size))
     collapse.load_state_dict(shared["collapse"])
     loop.iteration, loop.images_seen = shared["iteration"], shared["images_seen"]
-    if len(rank_states) == ctx.world_size:
+    same_ranks = len(rank_states) == ctx.world_size
+    data.load_state_dict(rank_states[min(ctx.rank, len(rank_states) - 1)].get("data"), rank_changed=not same_ranks)
+    if same_ranks:
         for key, gen in loop.generators.items():
             gen.set_state(rank_states[ctx.rank]["generators"][key])
     else:

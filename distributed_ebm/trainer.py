@@ -101,6 +101,11 @@ def train_distributed(
     storage = storage or str(run_dir / "ray")
     if "://" not in storage and not Path(storage).is_absolute():
         raise ConfigError(f"--storage '{storage}' must be an absolute path or a URI (s3://…, gs://…): workers change directory.")
+    if config.data.source == "webdataset":
+        from .data.stream import absolute_urls, inspect_shards
+
+        config = config.replace({"data.urls": absolute_urls(config.data.urls)})  # workers change directory
+        inspect_shards(config.data, workers)  # unreachable, empty or too few shards: fail before any worker
     if config.tracking.enabled:
         from .tracking import check_tracking, resolve_tracking_uri
 

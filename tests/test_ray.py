@@ -123,3 +123,20 @@ def test_two_workers_track_to_a_real_mlflow_server(tmp_path, ray_instance, mlflo
     assert steps == [32, 64, 96, 128]  # 2 workers × 16 images per iteration
     assert "samples" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert client.get_model_version("ray-digits", "1").run_id == run.info.run_id
+
+
+def test_two_workers_stream_shards_and_resume_their_positions_after_a_crash(tmp_path, ray_instance):
+    from distributed_ebm.data.shards import ShardOptions, write_shards
+
+    write_shards("digits", str(tmp_path / "shards"), ShardOptions(samples_per_shard=450, progress=False))
+    callback = tmp_path / "crash.py"
+    callback.write_text(CRASH.format(marker=str(tmp_path / "crashed"), at=5))
+    config = _config(**{"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000003}}.tar",
+                        "data.loader_workers": 1, "data.shuffle_buffer": 50})
+    summary = train_distributed(config, run_dir=tmp_path / "run", workers=2, storage=str(tmp_path / "storage"),
+                                max_failures=1, callbacks=[f"{callback}:crash_once"], progress=False)
+    assert (tmp_path / "crashed").exists() and summary["iterations"] == 8
+    _, ranks = read_checkpoint(tmp_path / "run" / "checkpoints" / "iter-00000008")
+    # Each rank read 8 batches of 16 from its own two shards: its worker's position counts them.
+    assert [r["data"]["positions"][0][1] for r in ranks] == [128, 128]
+    assert summary["final"]["data_corrupt"] == 0 and summary["final"]["data_bad_shards"] == 0

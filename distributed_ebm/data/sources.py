@@ -48,6 +48,22 @@ class ImageData:
         index = torch.randint(len(self), (n,), generator=generator)
         return self.x[index], None if self.y is None else self.y[index]
 
+    @property
+    def reference(self) -> torch.Tensor:
+        """Real samples to show next to generated ones."""
+        return self.x
+
+    def counters(self) -> dict[str, float]:
+        """Data-side metrics of a stream; an in-memory set has none."""
+        return {}
+
+    def state_dict(self) -> None:
+        """Nothing to resume: batches come from the checkpointed `data` generator."""
+        return None
+
+    def load_state_dict(self, state: None, rank_changed: bool) -> None:
+        return None
+
     def shard(self, rank: int, world_size: int) -> ImageData:
         """The rank's disjoint share (every world_size-th sample, starting at rank)."""
         if world_size == 1:
@@ -234,6 +250,32 @@ def _folder(config: DataConfig) -> ImageData:
     return _finish(torch.cat(images), y, root.name, _without_resize(config), skipped=len(skipped))
 
 
+def _webdataset(config: DataConfig) -> ImageData:
+    """The first `num_images` (default 10 000) samples of the shards, in stored order, in memory
+    (for sampling references, inpainting and evaluation; training streams them instead)."""
+    from .stream import ShardStream, inspect_shards
+
+    info = inspect_shards(config, world_size=1)
+    limit = config.num_images or 10_000
+    stream = ShardStream(info.shards, batch_size=256, image_size=info.image_size, channels=info.channels,
+                         shuffle_shards=False, shuffle_buffer=1, epochs=1, drop_last=False)
+    images, labels, corrupt = [], [], 0
+    for batch in stream:
+        corrupt += batch.corrupt
+        if len(batch.images):
+            images.append(batch.images)
+            labels.append(batch.labels)
+        if sum(len(b) for b in images) >= limit:
+            break
+    if not images:
+        raise ConfigError(f"No readable images in the shards of data.urls '{config.urls}'.")
+    x = torch.cat(images)[:limit].float() / 127.5 - 1.0
+    y = torch.cat(labels)[:limit] if info.has_labels and all(t is not None for t in labels) else None
+    if len(x) == limit and config.num_images is None:
+        log.warning("Read the first %d samples of the shards into memory (set data.num_images to change)", limit)
+    return _finish(x, y, Path(info.shards[0]).parent.name or "webdataset", _without_resize(config), skipped=corrupt)
+
+
 def _existing(path: str | None, source: str, what: str) -> Path:
     if not path:
         raise ConfigError(f"data.source '{source}' needs data.path: {what}.")
@@ -258,6 +300,7 @@ SOURCES: dict[str, Callable[[DataConfig], ImageData]] = {
     "grid25": lambda c: _mixture(grid_centres(), "grid25", c),
     "npz": _npz,
     "folder": _folder,
+    "webdataset": _webdataset,
 }
 
 
