@@ -178,28 +178,30 @@ class ShardErrors:
 
 
 class ImageDecoder:
-    """Raw WebDataset sample → uint8 (C, size, size) tensor (and class index)."""
+    """Raw WebDataset sample → uint8 (C, size, size) array view (and class index, -1 if none)."""
 
     def __init__(self, image_size: int, channels: int):
-        self.image_size = image_size
-        self.mode = "L" if channels == 1 else "RGB"
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
         from .shards import centre_crop_resize
 
+        self.image_size = image_size
+        self.mode = "L" if channels == 1 else "RGB"
+        self._open, self._resize = Image.open, centre_crop_resize
+
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
-            raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('__'))}")
-        with Image.open(io.BytesIO(sample[key])) as image:
+            found = sorted(k for k in sample if not k.startswith("__"))
+            raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) among {found}")
+        image = self._open(io.BytesIO(sample[key]))
+        if image.mode != self.mode:
             image = image.convert(self.mode)
         if image.size != (self.image_size, self.image_size):
-            image = centre_crop_resize(image, self.image_size)
-        array = np.asarray(image)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+            image = self._resize(image, self.image_size)
+        array = np.asarray(image)  # decodes; corrupt data raises here
         label = int(sample["cls"]) if "cls" in sample else -1
-        return torch.from_numpy(array.copy()), label
+        return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), label
 
 
 def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -322,7 +324,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _batch(self, images, labels, worker, epoch, position, made, corrupt, bad_shards) -> Batch:
         y = torch.tensor(labels, dtype=torch.int64)
         channels, size = (1 if self.decoder.mode == "L" else 3), self.decoder.image_size
-        x = torch.stack(images) if images else torch.empty((0, channels, size, size), dtype=torch.uint8)
+        x = torch.from_numpy(np.stack(images)) if images else torch.empty((0, channels, size, size), dtype=torch.uint8)
         return Batch(x, None if (y < 0).any() else y, worker, epoch, position, made, corrupt, bad_shards)
 
 
@@ -434,7 +436,7 @@ def inspect_shards(config: DataConfig, world_size: int) -> ShardInfo:
         num_classes = max(labels) + 1
         log.warning("No manifest.json next to the shards and no data.num_classes: assuming %d classes "
                     "from the first samples. Set data.num_classes to be sure.", num_classes)
-    first = torch.stack(decoded).float() / 127.5 - 1.0
+    first = torch.from_numpy(np.stack(decoded)).float() / 127.5 - 1.0
     return ShardInfo(shards, decoder.image_size, first.shape[1], has_labels, num_classes if has_labels else 0,
                      first, manifest)
 
