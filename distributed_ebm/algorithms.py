@@ -113,6 +113,9 @@ def run_langevin(state: TrainState, energy: Energy, x0: torch.Tensor, labels: to
         ref_sigma=lang.ref_sigma,
         generator=generator,
         clamp=state.data_range if lang.clamp else None,
+        compile=lang.compile,
+        autocast=lang.autocast,
+        channels_last=lang.channels_last,
     )
 
 

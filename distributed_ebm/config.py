@@ -90,6 +90,17 @@ class LangevinConfig:
     ref_sigma: float = 1.0  # σ: standard deviation of the Gaussian reference q
     clamp: bool = True  # clamp chains to the data range after every step
     sample_steps: int = 200  # steps for fresh chains drawn after training (`debm sample`)
+    # Speed options (same update rule and noise; see distributed_ebm/langevin.py):
+    compile: bool = False  # torch.compile ∇ₓΦ (C++ compiler on the CPU, triton on the GPU)
+    autocast: str | None = None  # "bf16": Φ's forward/backward in bfloat16, chains in float32
+    channels_last: bool = False  # keep image chains in channels-last memory format (GPU)
+
+    def __post_init__(self) -> None:
+        if self.autocast not in (None, "bf16"):
+            raise ConfigError(
+                f"langevin.autocast must be null (float32) or 'bf16', got {self.autocast!r}. "
+                "Fix the YAML file or the --set override."
+            )
 
 
 @dataclass(frozen=True)

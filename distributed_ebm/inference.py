@@ -103,6 +103,7 @@ class TrainedModel:
             energy.score_fn(labels), images, missing, steps=lang.sample_steps if steps is None else steps,
             step_size=lang.step_size, ref_sigma=lang.ref_sigma, generator=generator,
             clamp=self.state.data_range if lang.clamp else None, init=init,
+            compile=lang.compile, autocast=lang.autocast, channels_last=lang.channels_last,
         ).cpu()
 
     def interpolation_latents(self, rows: int, midpoints: int, *, seed: int = 0) -> torch.Tensor:

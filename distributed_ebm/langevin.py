@@ -6,15 +6,38 @@ One step (ALGORITHMS.md §2):
 
 The sampler knows nothing about optimisers, configs or Ray: its knobs are keyword arguments and
 its noise comes from an explicit `torch.Generator`, so that a run can be replayed bit for bit.
+
+The loop allocates nothing per step besides what autograd needs for ∇ₓΦ: the drift and then the
+noise go through one preallocated buffer, the update runs in place under `torch.no_grad`, and
+nothing reads a tensor back to the host. The default path gives bit for bit the result of the
+plain formula above. Three opt-in speed options change how ∇ₓΦ is computed, never the update
+rule, the clamp, the mask or the noise stream:
+
+- `compile`: ∇ₓΦ through `torch.func.grad`, compiled by `torch.compile` (forward and backward in
+  one graph). Needs a C++ compiler on the CPU and triton on the GPU. The first call of each new
+  network or batch shape compiles (tens of seconds on a CPU); later calls reuse the graph.
+- `autocast="bf16"`: Φ's forward and backward under bfloat16 autocast; the chains, the update
+  and the noise stay in float32.
+- `channels_last`: the chains (B, C, H, W) are kept in channels-last memory format, which lets
+  cuDNN pick its faster NHWC kernels; meant for the GPU (it runs on the CPU too, where the gain
+  is small and depends on the network: benchmarks/langevin.py).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+import shutil
+import sys
 from collections.abc import Callable
 
 import torch
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # Φ: a batch of x → one score per sample
+GradFn = Callable[[torch.Tensor], torch.Tensor]  # x → ∇ₓΦ(x)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}  # values of the `autocast` option
 
 
 def score_grad(score_fn: ScoreFn, x: torch.Tensor) -> torch.Tensor:
@@ -23,6 +46,21 @@ def score_grad(score_fn: ScoreFn, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(score_fn(x).sum(), x)
     return grad
+
+
+def functional_score_grad(score_fn: ScoreFn, x: torch.Tensor) -> torch.Tensor:
+    """∇ₓΦ(x) by `torch.func.grad`: the form `torch.compile` traces into one graph.
+
+    Gradients reach x only (never the parameters' .grad), also under an outer `torch.no_grad`.
+    """
+    return torch.func.grad(lambda y: score_fn(y).sum())(x)
+
+
+@functools.cache
+def _compiled_score_grad() -> Callable[[ScoreFn, torch.Tensor], torch.Tensor]:
+    # One compiled function for the process: its graphs are cached per network structure and
+    # batch shape, so every learning iteration after the first reuses them.
+    return torch.compile(functional_score_grad)
 
 
 def langevin(
@@ -35,6 +73,9 @@ def langevin(
     generator: torch.Generator | None = None,
     clamp: tuple[float, float] | None = None,
     mask: torch.Tensor | None = None,
+    compile: bool = False,
+    autocast: str | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Run `steps` Langevin steps from x0 and return the final (detached) states.
 
@@ -48,17 +89,132 @@ def langevin(
         clamp: (low, high) bounds applied after every step, e.g. the data range (-1, 1).
         mask: optional tensor broadcastable to x0; 1 marks entries that move, 0 entries that stay
             at their x0 value (inpainting with observed pixels clamped).
+        compile: compute ∇ₓΦ with `torch.compile` (results match the default path to float
+            rounding, ~1e-7 per step).
+        autocast: None (float32), or "bf16": Φ's forward and backward in bfloat16 autocast, the
+            chains in float32 (∇ₓΦ carries ~1e-2 relative error).
+        channels_last: keep image chains (B, C, H, W) in channels-last memory format (GPU).
+
+    The noise stream, and with the default options the result, are the same bit for bit as the
+    plain loop `x = x + δ²/2 · (∇ₓΦ(x) − x/σ²) + δ · randn(generator)` followed by clamp and mask.
+    The result has x0's memory layout.
     """
+    grad_fn = _grad_fn(score_fn, x0, compile=compile, autocast=autocast)
+    memory_format = _memory_format(x0, channels_last)
     drift_scale = step_size**2 / 2.0
     inv_var = 1.0 / ref_sigma**2
-    x = x0.detach().clone()
-    keep = None if mask is None else x0.detach()
-    for _ in range(steps):
-        grad = score_grad(score_fn, x)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + drift_scale * (grad - inv_var * x) + step_size * noise
-        if clamp is not None:
-            x = x.clamp(clamp[0], clamp[1])
-        if mask is not None:
-            x = torch.where(mask.bool(), x, keep)
-    return x.detach()
+    with torch.no_grad():
+        x = x0.detach().clone(memory_format=memory_format)
+        # One work buffer holds the drift, then the noise. It is contiguous whatever x's layout,
+        # so that ε for each entry is the one the plain loop draws.
+        work = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        move = None if mask is None else mask.to(x.device).bool()
+        keep = x0.detach()
+        for _ in range(steps):
+            grad = grad_fn(x)
+            # δ²/2 · (∇Φ − x/σ²), one operation at a time so that rounding matches the formula
+            torch.mul(x, inv_var, out=work)
+            torch.sub(grad, work, out=work)
+            x.add_(work.mul_(drift_scale))
+            x.add_(work.normal_(generator=generator).mul_(step_size))
+            if clamp is not None:
+                x.clamp_(clamp[0], clamp[1])
+            if move is not None:
+                torch.where(move, x, keep, out=x)
+    return x.contiguous(memory_format=_layout_of(x0))
+
+
+def _grad_fn(score_fn: ScoreFn, x0: torch.Tensor, *, compile: bool, autocast: str | None) -> GradFn:
+    """x → ∇ₓΦ(x): eager autograd by default, else with Φ under autocast and/or compiled."""
+    if autocast is not None:
+        score_fn = _autocast_score(score_fn, x0.device.type, _autocast_dtype(autocast, x0))
+    if compile:
+        _check_compile(x0.device)
+        return functools.partial(_compiled_score_grad(), score_fn)
+    return functools.partial(score_grad, score_fn)
+
+
+def _autocast_score(score_fn: ScoreFn, device_type: str, dtype: torch.dtype) -> ScoreFn:
+    """Φ with its forward under autocast (its backward follows the forward's dtypes) and float32
+    scores."""
+
+    def cast_score(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            scores = score_fn(x)
+        return scores.float()
+
+    return cast_score
+
+
+def _check_compile(device: torch.device) -> None:
+    """Fail before the first step, naming the fix, where torch.compile has no backend to run."""
+    if device.type == "cpu":
+        # The same compiler torch.compile's inductor looks for (torch._inductor.config.cpp.cxx).
+        cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(cxx) is None:
+            raise RuntimeError(
+                f"Langevin compile=True on the CPU needs a C++ compiler for torch.compile, and "
+                f"'{cxx}' is not on PATH. Install g++ (or point $CXX at one), or set "
+                "langevin.compile=false."
+            )
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise RuntimeError(
+                "Langevin compile=True on the GPU needs the triton package for torch.compile. "
+                "Install the triton matching your torch, or set langevin.compile=false."
+            )
+    else:
+        raise RuntimeError(
+            f"Langevin compile=True is supported on 'cpu' and 'cuda', not '{device.type}'. "
+            "Set langevin.compile=false."
+        )
+
+
+def _autocast_dtype(autocast: str, x0: torch.Tensor) -> torch.dtype:
+    """The autocast dtype named `autocast`, checked against x0's dtype and device."""
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"Unknown Langevin autocast '{autocast}'. Choose one of {sorted(AUTOCAST_DTYPES)}, "
+            "or None for float32."
+        )
+    if x0.dtype != torch.float32:
+        raise ValueError(
+            f"Langevin autocast keeps the chains in float32, but x0 is {x0.dtype}. Pass float32 "
+            "chains or set langevin.autocast=null."
+        )
+    device_type = x0.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        raise RuntimeError(
+            f"Langevin autocast='{autocast}' is not available on '{device_type}'. "
+            "Set langevin.autocast=null."
+        )
+    if device_type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise RuntimeError(
+            f"Langevin autocast='{autocast}' needs a GPU with native bfloat16 (compute capability "
+            f"8.0 or newer); '{torch.cuda.get_device_name(x0.device)}' has none. Set "
+            "langevin.autocast=null."
+        )
+    return AUTOCAST_DTYPES[autocast]
+
+
+def _memory_format(x0: torch.Tensor, channels_last: bool) -> torch.memory_format:
+    """The layout the chains live in during the run."""
+    if not channels_last:
+        return torch.preserve_format
+    if x0.dim() != 4:
+        raise ValueError(
+            f"Langevin channels_last needs image chains (B, C, H, W), got shape {tuple(x0.shape)}. "
+            "Set langevin.channels_last=false for vector data."
+        )
+    return torch.channels_last
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """x's memory format, for handing the result back in the caller's layout."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
