@@ -118,6 +118,11 @@ def test_every_preset_trains_and_samples(tmp_path, tiny_overrides, preset):
     overrides = {**tiny_overrides, "generator.base_width": 4, "generator.latent_bank_size": 16}
     if "cond" in preset:
         overrides.update({"chains.bank_size": 20, "chains.batch_size": 20, "train.data_batch_size": 20})
+    if "shards" in preset:  # a streaming preset: tiny shards written here (8×8, resized by the reader)
+        from tests.test_shards import write_coded_shards
+
+        write_coded_shards(tmp_path / "shards", [20, 20])
+        overrides.update({"data.urls": f"{tmp_path}/shards/shard-{{000000..000001}}.tar", "data.loader_workers": 1})
     assert main(["train", "--config", str(CONFIGS / preset), "--run-dir", str(run), *_sets(overrides)]) == 0
     model = load_run(run)
     samples = model.sample(3, steps=2)

@@ -141,28 +141,45 @@ def tar_samples(urls: Iterator[str], errors) -> Iterator[dict]:
     from webdataset.gopen import gopen
 
     for url in urls:
-        sample: dict = {}
         try:
             stream = gopen(url, "rb")
-            try:
-                for name, data in tar_members(stream, url):
-                    slash = name.rfind("/") + 1
-                    dot = name.find(".", slash)
-                    if dot < 0 or name[slash:].startswith("__"):
-                        continue
-                    key = name[:dot]
-                    if sample and key != sample["__key__"]:
-                        yield sample
-                        sample = {}
-                    if not sample:
-                        sample = {"__key__": key, "__url__": url}
-                    sample[name[dot + 1:].lower()] = data
-            finally:
-                stream.close()
+        except Exception as exn:  # unreachable: report, go on
+            errors(ShardError(f"{url}: {exn}"))
+            continue
+        sample: dict = {}
+        try:
+            for name, data in tar_members(stream, url):
+                slash = name.rfind("/") + 1
+                dot = name.find(".", slash)
+                if dot < 0 or name[slash:].startswith("__"):
+                    continue
+                key = name[:dot]
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[name[dot + 1:].lower()] = data
             if sample:
                 yield sample
-        except Exception as exn:  # unreachable, truncated, a pipe that failed: report, go on
+        except GeneratorExit:  # the reader stopped early: close quietly (a pipe's exit status is moot)
+            _close_quietly(stream)
+            raise
+        except Exception as exn:  # truncated, corrupt, a pipe that failed: report, go on
+            _close_quietly(stream)
             errors(exn if url in str(exn) else ShardError(f"{url}: {exn}"))
+            continue
+        try:
+            stream.close()  # a pipe: raises if its command failed after sending the data
+        except Exception as exn:
+            errors(ShardError(f"{url}: {exn}"))
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # already reported, or moot once reading has stopped
+        pass
 
 
 class ShardErrors:
