@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--out", required=True, help="output PNG grid")
     interp.add_argument("--device", default="cpu")
     interp.set_defaults(func=_interpolate)
+
+    from .evaluation import add_parser as add_evaluate
+
+    add_evaluate(sub)
     return parser
 
 

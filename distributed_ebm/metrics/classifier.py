@@ -1,13 +1,23 @@
 """A small ConvNet classifier trained on the data set itself: labels for agreement and coverage,
-and penultimate-layer features for Fréchet distances where no Inception weights are available."""
+and penultimate-layer features for Fréchet distances where no Inception weights are available.
+
+`cached_classifier` keeps trained classifiers in a cache folder, one file per hash of (data
+config, classifier settings), so that every evaluation of a data set uses the same network."""
 
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import linalg
 from torch import nn
 
+from ..config import ConfigError, DataConfig
 from ..data import ImageData
 
 
@@ -68,3 +78,68 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     if np.iscomplexobj(root):
         root = root.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+# Bump when SmallClassifier or train_classifier change: old cache files then stop matching.
+CLASSIFIER_VERSION = 1
+
+
+def classifier_key(data_config: DataConfig, *, epochs: int, seed: int, lr: float) -> str:
+    """A hash of (data config, classifier settings): the cache name of a trained classifier."""
+    data = dataclasses.asdict(data_config)
+    if data.get("path"):
+        data["path"] = str(Path(data["path"]).expanduser().resolve())
+    settings = {"arch": "SmallClassifier", "version": CLASSIFIER_VERSION, "epochs": epochs,
+                "seed": seed, "lr": lr}
+    text = json.dumps({"data": data, "classifier": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """$DEBM_CACHE_DIR/classifiers, else ~/.cache/distributed_ebm/classifiers."""
+    root = os.environ.get("DEBM_CACHE_DIR") or Path.home() / ".cache" / "distributed_ebm"
+    return Path(root).expanduser() / "classifiers"
+
+
+def cached_classifier(
+    data: ImageData,
+    data_config: DataConfig,
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    lr: float = 3e-3,
+    cache_dir: str | Path | None = None,
+) -> tuple[SmallClassifier, dict]:
+    """The SmallClassifier of `data` (built from `data_config`): loaded from the cache folder when a
+    file of the same key is there, else trained and saved. Returns it and a description (key,
+    file, whether it was reused, training accuracy, settings)."""
+    key = classifier_key(data_config, epochs=epochs, seed=seed, lr=lr)
+    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = path / f"classifier-{key}.pt"
+    channels = data.x.shape[1]
+    reused = path.is_file()
+    if reused:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if (saved["channels"], saved["num_classes"]) != (channels, data.num_classes):
+            raise ConfigError(
+                f"The cached classifier '{path}' takes {saved['channels']} channels and "
+                f"{saved['num_classes']} classes, but the data set has {channels} and "
+                f"{data.num_classes} (the data behind the same config changed): delete the file "
+                "to retrain it."
+            )
+        model = SmallClassifier(channels, data.num_classes)
+        model.load_state_dict(saved["state_dict"])
+        model.eval()
+        accuracy = saved["train_accuracy"]
+    else:
+        model = train_classifier(data, epochs=epochs, seed=seed, lr=lr)
+        accuracy = float((model.predict(data.x) == data.y).float().mean())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        saved = {"state_dict": model.state_dict(), "channels": channels,
+                 "num_classes": data.num_classes, "train_accuracy": accuracy}
+        torch.save(saved, tmp)
+        os.replace(tmp, path)
+    info = {"hash": key, "file": str(path), "reused": reused, "train_accuracy": accuracy,
+            "epochs": epochs, "seed": seed, "lr": lr, "data": data.name, "num_images": len(data)}
+    return model, info

@@ -1,0 +1,378 @@
+"""`debm evaluate`: the scores move as they should on real digits, and the command reports and
+logs what it scored (feature network, sample count, fresh or bank)."""
+
+import argparse
+import importlib
+import json
+import math
+import shutil
+
+import mlflow
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed_ebm.config import ConfigError, DataConfig, load_config
+from distributed_ebm.data import load_dataset
+from distributed_ebm.evaluation import add_parser, inpainting_report
+from distributed_ebm.metrics.classifier import cached_classifier, classifier_key
+from distributed_ebm.metrics.generative import (
+    FIDELITY_WEIGHTS,
+    TORCHVISION_WEIGHTS,
+    ClassifierFeatures,
+    find_inception_weights,
+    frechet_inception_distance,
+    generative_scores,
+    load_inception,
+    manifold_scores,
+)
+from distributed_ebm.train_loop import train_loop
+from tests.test_train import CONFIGS
+
+EPOCHS = 5  # the feature classifier's epochs: ~0.97 training accuracy on digits in ~2 s
+TINY = {
+    "train.iterations": 4,
+    "train.data_batch_size": 16,
+    "train.sample_every": 4,
+    "train.checkpoint_every": 4,
+    "chains.bank_size": 16,
+    "chains.batch_size": 16,
+    "langevin.langevin_steps": 3,
+    "model.channels": [8, 16],
+    "tracking.registered_model": "eval-tiny",
+    "name": "eval-tiny",
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig())
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("classifiers")
+
+
+@pytest.fixture(scope="module")
+def network(digits, cache_dir):
+    classifier, info = cached_classifier(digits, DataConfig(), epochs=EPOCHS, cache_dir=cache_dir)
+    assert not info["reused"] and info["train_accuracy"] > 0.9
+    return ClassifierFeatures(classifier, info)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 4-iteration wGCN on digits, tracked in MLflow and registered as 'eval-tiny'; the module
+    runs in a temporary folder so that MLflow artifacts stay out of the checkout."""
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        config = load_config(CONFIGS / "digits_wgcn.yaml", TINY)
+        summary = train_loop(
+            {"config": config.to_dict(), "run_dir": str(root / "run"), "progress": False}
+        )
+        assert summary["model_uri"] == "models:/eval-tiny/1"
+        yield root / "run", summary
+
+
+def _evaluate(*argv) -> dict:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", *map(str, argv)])
+    assert args.func(args) == 0
+    return args
+
+
+def _scores(fake, real, network, labels=None):
+    return generative_scores(
+        fake, real, network, real_labels=labels, num_classes=10, kid_subsets=10
+    )
+
+
+def test_fid_is_zero_against_itself_and_grows_with_noise(digits, network):
+    real = digits.x
+    fids = [frechet_inception_distance(real, real, network)]
+    gen = torch.Generator().manual_seed(0)
+    for std in (0.1, 0.2, 0.4, 0.8):
+        fids.append(
+            frechet_inception_distance(
+                (real + std * torch.randn(real.shape, generator=gen)).clamp(-1, 1), real, network
+            )
+        )
+    assert abs(fids[0]) < 1e-3
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+
+
+def test_manifold_scores_follow_their_definitions():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])  # k = 1: every real ball has radius 1
+    fake = torch.tensor([[0.5], [10.0]])  # fake balls: radius 9.5
+    scores = manifold_scores(real, fake, k=1)
+    assert scores["precision"] == 0.5  # 0.5 lies in the balls of 0 and 1; 10 in none
+    assert scores["recall"] == 1.0  # every real point lies within 9.5 of 0.5
+    assert scores["density"] == 1.0  # (2 balls + 0 balls) / (k · 2 samples)
+    assert scores["coverage"] == 0.5 and scores["covered"].tolist() == [True, True, False, False]
+
+
+def test_mode_dropping_and_blur_move_the_scores_apart(digits, network):
+    """Held-out digits score as a near-perfect generator; half the classes lower recall and
+    coverage (not precision); blur lowers precision and density."""
+    real, fake, labels, fake_labels = digits.x[0::2], digits.x[1::2], digits.y[0::2], digits.y[1::2]
+    base = _scores(fake, real, network)["scores"]
+    half_report = _scores(fake[fake_labels < 5], real, network, labels)
+    half = half_report["scores"]
+    blurred = F.avg_pool2d(F.pad(fake, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    blur = _scores(blurred, real, network)["scores"]
+
+    assert (
+        min(base["precision"], base["recall"], base["coverage"]) > 0.9
+        and 0.8 < base["density"] < 1.25
+    )
+    assert half["recall"] < base["recall"] - 0.3 and half["coverage"] < base["coverage"] - 0.3
+    assert half["precision"] > base["precision"] - 0.05 and half["density"] > 0.8 * base["density"]
+    assert blur["precision"] < base["precision"] - 0.3 and blur["density"] < 0.5 * base["density"]
+    assert base["fid"] < min(half["fid"], blur["fid"]) and base["kid_mean"] < min(
+        half["kid_mean"], blur["kid_mean"]
+    )
+    assert half["is_mean"] < base["is_mean"] - 2  # five classes instead of ten
+
+    coverage = half_report["class_coverage"]
+    assert max(coverage[str(c)] for c in range(5, 10)) < 0.15  # the removed classes
+    assert min(coverage[str(c)] for c in range(5)) > 0.85
+
+
+def test_classifier_cache_is_keyed_by_data_and_settings(digits, network, cache_dir):
+    again, info = cached_classifier(digits, DataConfig(), epochs=EPOCHS, cache_dir=cache_dir)
+    assert info["reused"] and info["hash"] == network.info["hash"]
+    assert torch.equal(again.embed(digits.x[:20]), network.classifier.embed(digits.x[:20]))
+    key = classifier_key(DataConfig(), epochs=EPOCHS, seed=0, lr=3e-3)
+    assert key == network.info["hash"]
+    assert key != classifier_key(DataConfig(), epochs=EPOCHS + 1, seed=0, lr=3e-3)
+    assert key != classifier_key(DataConfig(num_images=100), epochs=EPOCHS, seed=0, lr=3e-3)
+
+
+def test_evaluate_run_dir_reports_fresh_and_bank_samples_and_logs_to_the_run(
+    tiny_run, network, cache_dir
+):
+    run, summary = tiny_run
+    common = [
+        "--run-dir",
+        run,
+        "--classifier-epochs",
+        EPOCHS,
+        "--cache-dir",
+        cache_dir,
+        "--kid-subsets",
+        5,
+    ]
+    _evaluate(*common, "--num", 40, "--steps", 3)
+    report = json.loads((run / "evaluation" / "generation.json").read_text())
+    assert report["samples"]["source"] == "fresh" and report["samples"]["num"] == 40
+    assert report["samples"]["langevin_steps"] == 3 and report["reference"]["num"] == 40
+    described = report["feature_network"]
+    assert (
+        described["name"].startswith("SmallClassifier")
+        and described["hash"] == network.info["hash"]
+    )
+    assert described["reused"]  # the classifier cached by the fixture, found by its hash
+    scores = report["scores"]
+    assert set(scores) == {
+        "fid",
+        "kid_mean",
+        "kid_std",
+        "is_mean",
+        "is_std",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "response_distance",
+    }
+    assert scores["fid"] > 0 and 1 <= scores["is_mean"] <= 10 and scores["response_distance"] > 0
+    assert len(report["class_coverage"]) == 10
+    assert math.isclose(sum(report["generated_class_share"].values()), 1.0)
+
+    _evaluate(*common, "--num", 16, "--from-bank")
+    bank = json.loads((run / "evaluation" / "generation-bank.json").read_text())
+    assert bank["samples"]["source"] == "bank" and bank["samples"]["num"] == 16
+
+    logged = mlflow.MlflowClient(summary["mlflow_uri"]).get_run(summary["mlflow_run_id"]).data
+    assert logged.metrics["eval/fid"] == pytest.approx(scores["fid"])
+    assert logged.metrics["eval/bank/fid"] == pytest.approx(bank["scores"]["fid"])
+    assert logged.metrics["eval/class_coverage/3"] == pytest.approx(report["class_coverage"]["3"])
+    assert logged.tags["eval.generation.samples"] == "40 fresh"
+    assert logged.tags["eval.bank.generation.samples"] == "16 bank"
+    assert report["feature_network"]["hash"] in logged.tags["eval.generation.feature_network"]
+
+
+def test_evaluate_model_uri_scores_inpainting_in_a_new_run(tiny_run, cache_dir, tmp_path):
+    _evaluate(
+        "--model",
+        "models:/eval-tiny/latest",
+        "--inpainting",
+        "--num",
+        12,
+        "--steps",
+        3,
+        "--classifier-epochs",
+        EPOCHS,
+        "--cache-dir",
+        cache_dir,
+        "--out",
+        tmp_path / "inpaint.json",
+    )
+    report = json.loads((tmp_path / "inpaint.json").read_text())
+    assert (
+        report["model"]["model_uri"] == "models:/eval-tiny/latest"
+        and report["samples"]["num"] == 12
+    )
+    assert set(report["masks"]) == {"square", "spots", "combined"}
+    for scores in report["masks"].values():
+        assert {"mse", "psnr", "ssim", "fid"} <= set(scores)
+        assert scores["mse"] > 0 and scores["fid"] >= 0
+    client = mlflow.MlflowClient(report["mlflow"]["uri"])
+    logged = client.get_run(report["mlflow"]["run_id"])
+    assert client.get_experiment(logged.info.experiment_id).name == "debm-evaluate"
+    assert logged.data.tags["debm_model_uri"] == "models:/eval-tiny/latest"
+    assert logged.data.metrics["eval/inpainting/square/fid"] == pytest.approx(
+        report["masks"]["square"]["fid"]
+    )
+
+
+def test_identity_restoration_scores_zero_error(digits, network):
+    images = digits.x[:40]
+    masks = inpainting_report(lambda x, missing: x.clone(), images, network)
+    assert set(masks) == {"square", "spots", "combined"}
+    for scores in masks.values():
+        assert (
+            scores["mse"] == 0
+            and scores["psnr"] == math.inf
+            and scores["ssim"] == pytest.approx(1.0)
+        )
+        assert abs(scores["fid"]) < 1e-3
+
+
+def test_inception_without_weights_names_the_file_to_provide(tiny_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    run, _ = tiny_run
+    with pytest.raises(
+        ConfigError, match=rf"{FIDELITY_WEIGHTS}.*{TORCHVISION_WEIGHTS}.*--inception-weights"
+    ):
+        _evaluate("--run-dir", run, "--features", "inception", "--no-mlflow")
+    missing = tmp_path / "inception.pth"
+    with pytest.raises(ConfigError, match=f"'{missing}' does not exist"):
+        _evaluate(
+            "--run-dir",
+            run,
+            "--features",
+            "inception",
+            "--inception-weights",
+            missing,
+            "--no-mlflow",
+        )
+
+
+def test_inception_weights_are_read_from_the_hub_cache(monkeypatch, tmp_path):
+    from torchvision.models import inception_v3
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = tmp_path / "hub" / "checkpoints" / TORCHVISION_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(
+        inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights
+    )
+    assert find_inception_weights(None) == weights
+    network = load_inception()
+    features, logits = network.embed(torch.rand(2, 1, 8, 8) * 2 - 1)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1000)
+    assert network.describe()["weights"] == str(weights) and len(network.describe()["sha256"]) == 16
+
+
+def test_results_script_puts_our_numbers_beside_the_papers(
+    cache_dir, network, tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(CONFIGS.parent / "scripts"))
+    results = importlib.import_module("results")
+    out = tmp_path / "results.md"
+    assert (
+        results.main(
+            [
+                "--datasets",
+                "digits",
+                "--only",
+                "wGCN",
+                "GGCN+AMS",
+                "--iterations",
+                "2",
+                "--samples",
+                "24",
+                "--inpaint-images",
+                "8",
+                "--steps",
+                "2",
+                "--classifier-epochs",
+                str(EPOCHS),
+                "--cache-dir",
+                str(cache_dir),
+                "--set",
+                "model.channels=[8]",
+                "generator.base_width=4",
+                "--runs",
+                str(tmp_path / "runs"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    page = out.read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| digits |")]
+    assert [r.split(" | ")[1] for r in rows[:3]] == [
+        "real data (two halves, 24 each)",
+        "wGCN",
+        "GGCN+AMS",
+    ]
+    assert (
+        "| 24 fresh |" in rows[1] and "| 4.31 ± 0.12 |" in rows[1] and "| 6.79 ± 0.08 |" in rows[2]
+    )
+    inpainting = rows[3:]
+    assert [r.split(" | ")[1:3] for r in inpainting] == [
+        [f"{m} ({method})", mask]
+        for m, method in (("wGCN", "langevin"), ("GGCN+AMS", "generator"))
+        for mask in ("square", "spots", "combined")
+    ]
+    assert "| Spot | 0.0033 | 25.44 | 0.954 | 30.410 |" in inpainting[1]
+    assert (
+        network.info["hash"] in page and "no value of ours" in page
+    )  # names the network; says what is not comparable
+
+
+def test_unreachable_training_store_falls_back_to_a_new_run(tiny_run, cache_dir, tmp_path, caplog):
+    run, summary = tiny_run
+    moved = tmp_path / "moved-run"
+    shutil.copytree(run, moved)
+    gone = {**summary, "mlflow_uri": f"sqlite:///{tmp_path / 'gone.db'}"}
+    (moved / "summary.json").write_text(json.dumps(gone))
+    _evaluate(
+        "--run-dir",
+        moved,
+        "--num",
+        24,
+        "--steps",
+        2,
+        "--classifier-epochs",
+        EPOCHS,
+        "--cache-dir",
+        cache_dir,
+        "--kid-subsets",
+        5,
+    )
+    report = json.loads((moved / "evaluation" / "generation.json").read_text())
+    assert report["mlflow"]["logged_to"] == "new run in experiment 'debm-evaluate'"
+    assert report["mlflow"]["run_id"] != summary["mlflow_run_id"] and "is not here" in caplog.text
+    assert not (tmp_path / "gone.db").exists()  # the missing store was not created empty
+    tags = (
+        mlflow.MlflowClient(report["mlflow"]["uri"]).get_run(report["mlflow"]["run_id"]).data.tags
+    )
+    assert tags["debm_run_dir"] == str(moved.resolve())
