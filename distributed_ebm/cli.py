@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation import add_parser as add_evaluate
 
     add_evaluate(sub)
+
+    from .serve import add_parser as add_serve
+
+    add_serve(sub)
     return parser
 
 
