@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import add_parser as add_serve
 
     add_serve(sub)
+
+    from .tune import add_parser as add_tune
+
+    add_tune(sub)
     return parser
 
 

@@ -161,6 +161,8 @@ class TrackingConfig:
     experiment: str | None = None  # experiment name; None: the run name
     registered_model: str | None = None  # registered model name; None: the run name
     flush_every: int = 20  # send buffered metrics every K iterations
+    register: bool = True  # register the final model (debm tune registers only its best trial's)
+    parent_run_id: str | None = None  # nest this run under that MLflow run (a debm tune search)
 
 
 @dataclass(frozen=True)

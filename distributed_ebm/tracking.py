@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, TrackingConfig, flatten
 
 log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow marks a nested run with its parent's id under this tag
+CHAMPION = "champion"  # the registered model alias a search moves to a better model
 
 
 def resolve_tracking_uri(config: TrackingConfig) -> str:
@@ -62,8 +66,10 @@ class Tracker:
         if existing:  # a resumed run continues its MLflow run
             self.run_id = existing[0].info.run_id
         else:
-            run = self.client.create_run(experiment_id, run_name=run_dir.name,
-                                         tags={"debm_run_dir": str(run_dir), **{f"debm.{k}": str(v) for k, v in info.items()}})
+            tags = {"debm_run_dir": str(run_dir), **{f"debm.{k}": str(v) for k, v in info.items()}}
+            if config.tracking.parent_run_id:  # a search's trial: nested under the search's run
+                tags[PARENT_TAG] = config.tracking.parent_run_id
+            run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
             self.run_id = run.info.run_id
             from mlflow.entities import Param
 
@@ -122,10 +128,131 @@ def register_model(uri: str, run_id: str, checkpoint: Path, name: str) -> str:
 
 
 def finish_summary(summary: dict, config: RunConfig, checkpoint: Path | None) -> dict:
-    """Register the final checkpoint (when the run tracked to MLflow and did not diverge) and add
-    the model URI and how to look at the run to the summary."""
+    """Register the final checkpoint (when the run tracked to MLflow, did not diverge and
+    `tracking.register` is on) and add the model URI to the summary."""
     if not summary.get("mlflow_run_id") or checkpoint is None or summary.get("status") == "diverged":
+        return summary
+    if not config.tracking.register:
         return summary
     name = config.tracking.registered_model or config.name
     summary["model_uri"] = register_model(summary["mlflow_uri"], summary["mlflow_run_id"], checkpoint, name)
     return summary
+
+
+class SearchRun:
+    """The MLflow parent run of one `debm tune` search: every trial's run nests under it."""
+
+    def __init__(self, uri: str, experiment: str, name: str, params: dict, tags: dict):
+        import mlflow
+        from mlflow.entities import Param
+
+        self.uri = uri
+        self.client = mlflow.MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (found.experiment_id if found
+                              else self.client.create_experiment(experiment))
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"debm.kind": "search", **tags})
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def trial_run_id(self, run_dir: Path) -> str | None:
+        """The id of the run a trial's train_loop opened for `run_dir` (None if it never did)."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1,
+                                       filter_string=f"tags.debm_run_dir = '{run_dir}'")
+        return runs[0].info.run_id if runs else None
+
+    def finish_trial(self, run_id: str, mlflow_status: str, metrics: dict, tags: dict) -> None:
+        """Log a trial's outcome on its nested run and close it with `mlflow_status` (FINISHED,
+        FAILED or KILLED): trials stopped by the scheduler were killed before their own end."""
+        self._log(run_id, metrics, tags)
+        self.client.set_terminated(run_id, mlflow_status)
+
+    def finish(self, metrics: dict, tags: dict, artifacts: list[Path]) -> None:
+        """Log the search's totals, tags and result files, and close the parent run."""
+        self._log(self.run_id, metrics, tags)
+        for path in artifacts:
+            if Path(path).is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, reason: str) -> None:
+        """Close the parent run as FAILED (the search itself broke), with the reason as a tag."""
+        self._log(self.run_id, {}, {"debm.error": reason})
+        self.client.set_terminated(self.run_id, "FAILED")
+
+    def _log(self, run_id: str, metrics: dict, tags: dict) -> None:
+        import math
+
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)]
+        self.client.log_batch(run_id, metrics=values,
+                              tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    """Whether a newly registered model version took the `champion` alias, and why."""
+
+    promoted: bool
+    model_uri: str  # models:/NAME/VERSION of the new version
+    message: str
+
+
+def promote_if_better(uri: str, model_uri: str, value: float, metric: str,
+                      mode: str) -> ChampionDecision:
+    """Record `metric` = `value` on the new version `model_uri` and give it the `champion` alias
+    only if it beats the current champion's recorded value (mode "min" or "max").
+
+    The champion's value is read from its version's tags (written here by an earlier search), else
+    from its run's metrics; a champion with neither keeps the alias: the two cannot be compared.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    recorded = {"search_metric": metric, "search_mode": mode, "search_metric_value": value}
+    for key, tag in recorded.items():
+        client.set_model_version_tag(name, version, f"debm.{key}", str(tag))
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is None:
+        promoted = True
+        message = f"{name} version {version} is the first '{CHAMPION}' ({metric} {value:.4g})."
+    else:
+        theirs = _recorded_value(client, current, metric, mode)
+        if theirs is None:
+            promoted = False
+            message = (f"'{CHAMPION}' stays on {name} version {current.version}: it has no "
+                       f"recorded {metric} ({mode}) to compare with version {version}'s "
+                       f"{value:.4g}. Move it by hand if you want: MlflowClient()."
+                       f"set_registered_model_alias('{name}', '{CHAMPION}', {version}).")
+        else:
+            promoted = value < theirs if mode == "min" else value > theirs
+            verdict = "beats" if promoted else "does not beat"
+            outcome = (f"'{CHAMPION}' moves to version {version}" if promoted
+                       else f"'{CHAMPION}' stays on version {current.version}")
+            message = (f"{name} version {version} ({metric} {value:.4g}) {verdict} the champion, "
+                       f"version {current.version} ({theirs:.4g}, {mode}imised): {outcome}.")
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "debm.champion_decision", message)
+    return ChampionDecision(promoted, model_uri, message)
+
+
+def _recorded_value(client, version, metric: str, mode: str) -> float | None:
+    """The champion's value of `metric`: from its version's tags, else from its run's metrics."""
+    tags = version.tags or {}
+    if tags.get("debm.search_metric") == metric and tags.get("debm.search_mode") == mode:
+        return float(tags["debm.search_metric_value"])
+    if version.run_id:
+        return client.get_run(version.run_id).data.metrics.get(metric)
+    return None
