@@ -44,6 +44,7 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement; an epoch is epoch_batches per rank
     epoch_batches: int | None = None  # resampled: batches per rank per epoch (None: from manifest.json)
     num_classes: int | None = None  # classes of labelled shards (None: from manifest.json)
+    manifest: str | None = None  # manifest.json path/URL/pipe: (None: next to local or http shards)
     mean_samples: int = 256  # first samples read before training (data mean, image size, checks)
 
 

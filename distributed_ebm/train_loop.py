@@ -276,7 +276,7 @@ def _restore(
     collapse.load_state_dict(shared["collapse"])
     loop.iteration, loop.images_seen = shared["iteration"], shared["images_seen"]
     same_ranks = len(rank_states) == ctx.world_size
-    data.load_state_dict(rank_states[min(ctx.rank, len(rank_states) - 1)].get("data"), rank_changed=not same_ranks)
+    data.load_state_dict([r.get("data") for r in rank_states], ctx.rank)
     if same_ranks:
         for key, gen in loop.generators.items():
             gen.set_state(rank_states[ctx.rank]["generators"][key])

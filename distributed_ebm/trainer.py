@@ -105,7 +105,8 @@ def train_distributed(
         from .data.stream import absolute_urls, inspect_shards
 
         config = config.replace({"data.urls": absolute_urls(config.data.urls)})  # workers change directory
-        inspect_shards(config.data, workers)  # unreachable, empty or too few shards: fail before any worker
+        # unreachable, empty or too few shards: fail before any worker starts
+        inspect_shards(config.data, workers, config.train.data_batch_size)
     if config.tracking.enabled:
         from .tracking import check_tracking, resolve_tracking_uri
 

@@ -519,14 +519,20 @@ class TrialReporter:
     stop_on_collapse: bool
     send_to: str  # "tune" (train_loop in the trial's process) or "train" (Ray Train workers)
     checkpoints: str | None = None  # attach RUN_DIR/checkpoints/iter-N to each report (PBT)
+    worst: float = float("inf")  # what a collapsed trial reports as the search metric
+    metric: str = SMOOTHED_R
     recent: deque = field(default_factory=lambda: deque(maxlen=SMOOTHING))
+    collapsed: bool = False
 
     def __call__(self, iteration: int, rank: int, metrics: dict) -> None:
         self.recent.append(metrics["response_distance"])
+        self.collapsed = self.collapsed or bool(metrics["collapse"])
         last = iteration >= self.total or (metrics["collapse"] and self.stop_on_collapse)
         if last or iteration % self.every:
             return
         result = {**_numeric(metrics), SMOOTHED_R: sum(self.recent) / len(self.recent)}
+        if self.collapsed:  # from the first collapse on (stop_on_collapse: false keeps it running)
+            result[self.metric] = self.worst
         if self.send_to == "train":
             import ray.train
 
@@ -594,7 +600,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     torch.set_num_threads(1)
     reporter = TrialReporter(setup.report_every, config.train.iterations, setup.stop_on_collapse,
                              "tune" if setup.workers == 0 else "train",
-                             str(run_dir / "checkpoints") if setup.checkpoints else None)
+                             str(run_dir / "checkpoints") if setup.checkpoints else None,
+                             worst=WORST if setup.mode == "min" else -WORST, metric=setup.metric)
     loop_config = {"config": config.to_dict(), "run_dir": str(run_dir), "resume": resume,
                    "progress": False, "callbacks": [REPORT_CALLBACK]}
     if setup.workers == 0:
@@ -684,7 +691,7 @@ def _train_with_ray_train(loop_config: dict, reporter: TrialReporter, config: Ru
 def final_result(summary: dict, metric: str, mode: str) -> dict:
     """A trial's last report: its final metrics, status and the search metric. A collapsed trial
     reports WORST (the measured value under `measured`) so no searcher or scheduler prefers it."""
-    stopped = summary["status"] in ("collapsed", "diverged")
+    stopped = summary["status"] in ("collapsed", "diverged") or bool(summary.get("collapsed"))
     collapse = summary.get("collapse") or {}
     measured = (summary.get("final_response_distance") if metric == SMOOTHED_R
                 else summary["final"].get(metric))
@@ -743,6 +750,7 @@ class TrialOutcome:
     status: str  # one of STATUSES
     iterations: int  # learning iterations run
     planned: int  # the trial's train.iterations
+    langevin_steps: int  # the trial's L (cost per iteration ∝ L + 1)
     value: float | None  # the search metric as measured (None: never reported)
     collapse: str  # "saturated @ 5" or ""
     run_dir: Path
@@ -765,13 +773,18 @@ class SearchResult:
     parent_run_id: str | None = None
 
     def compute(self) -> dict[str, int]:
-        """Iterations run and saved against running every trial to its end."""
+        """Iterations run and saved against running every trial to its end, and the same in
+        Langevin passes (iterations × (L + 1): L chain steps and the learning step's pass each
+        cost one forward and backward of Φ), since L is often searched and sets the cost."""
         planned = sum(t.planned for t in self.trials)
         run = sum(t.iterations for t in self.trials)
         saved = {status: sum(t.planned - t.iterations for t in self.trials if t.status == status)
                  for status in ("collapsed", "stopped by scheduler")}
+        passes_planned = sum(t.planned * (t.langevin_steps + 1) for t in self.trials)
+        passes_run = sum(t.iterations * (t.langevin_steps + 1) for t in self.trials)
         return {"planned": planned, "run": run, "saved_by_collapse": saved["collapsed"],
-                "saved_by_scheduler": saved["stopped by scheduler"]}
+                "saved_by_scheduler": saved["stopped by scheduler"],
+                "passes_planned": passes_planned, "passes_run": passes_run}
 
 
 def run_search(space: SearchSpace, *, trials: int, out_dir: str | Path, workers_per_trial: int = 0,
@@ -884,7 +897,8 @@ def _outcome(result, base: RunConfig, trials_dir: Path, metric: str) -> TrialOut
     trial_id = Path(result.path).name
     params = dict(result.config or {})
     run_dir = trials_dir / trial_id
-    planned = base.replace(params).train.iterations
+    trial_config = base.replace(params)
+    planned, langevin_steps = trial_config.train.iterations, trial_config.langevin.langevin_steps
     last = result.metrics or {}
     rows = RunDirectory(run_dir).read_metrics()
     iterations = rows[-1]["iteration"] if rows else int(last.get("iteration", 0))
@@ -898,7 +912,7 @@ def _outcome(result, base: RunConfig, trials_dir: Path, metric: str) -> TrialOut
     else:  # the scheduler stopped it before its end (its process was ended mid-training)
         status = "stopped by scheduler"
     error = f"{type(result.error).__name__}: {result.error}" if result.error is not None else ""
-    return TrialOutcome(trial_id, params, status, iterations, planned,
+    return TrialOutcome(trial_id, params, status, iterations, planned, langevin_steps,
                         None if value is None else float(value), collapse, run_dir, error=error)
 
 
@@ -1017,7 +1031,8 @@ def _totals(result: SearchResult) -> list[str]:
     return [f"Trials: {counts}.",
             f"Iterations: {c['run']} of {c['planned']} run; {saved} saved ({share:.0%}) against "
             f"running every trial to its end: {c['saved_by_collapse']} by collapse stopping, "
-            f"{c['saved_by_scheduler']} by the scheduler.",
+            f"{c['saved_by_scheduler']} by the scheduler. Weighted by cost (iterations × (L + 1)): "
+            f"{1 - c['passes_run'] / max(1, c['passes_planned']):.0%} saved.",
             best + (f", registered as {result.model_uri}." if result.model_uri else "."),
             f"Champion: {result.champion}" if result.champion else "Champion: MLflow is off.",
             *errors]

@@ -139,13 +139,14 @@ def test_streaming_data_counts_corrupt_samples_in_training_metrics(tmp_path, tin
     write_coded_shards(tmp_path / "shards", [8, 8], corrupt={3, 9})
     config = RunConfig.from_dict({}).replace({
         **tiny_overrides, "data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000001}}.tar",
-        "data.loader_workers": 1, "data.shuffle_buffer": 4, "train.data_batch_size": 4, "train.iterations": 4,
-        "chains.bank_size": 4, "chains.batch_size": 4,
+        "data.loader_workers": 1, "data.shuffle_buffer": 1, "data.shuffle_shards": False,
+        "train.data_batch_size": 4, "train.iterations": 3, "chains.bank_size": 4, "chains.batch_size": 4,
     })
     summary = train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / "run"), "progress": False})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert summary["status"] == "completed" and len(rows) == 4
-    assert rows[-1]["data_corrupt"] >= 1  # both corrupt samples sit in the first 14 read
+    assert summary["status"] == "completed" and len(rows) == 3
+    # In order: batches 0 1 2 4 | 5 6 7 8 | 10 11 12 13 — the corrupt 3 and 9 are skipped on the way.
+    assert [r["data_corrupt"] for r in rows] == [1, 1, 2]
     assert all("data_wait_s" in r and r["data_bad_shards"] == 0 for r in rows)
 
 
@@ -248,7 +249,8 @@ def test_preflight_messages(tmp_path):
     pattern = f"{tmp_path}/s/shard-{{000000..000002}}.tar"
     with pytest.raises(ConfigError, match=r"3 shard\(s\) for 2 rank\(s\) × 2 loader worker\(s\) = 4 readers"):
         inspect_shards(DataConfig(source="webdataset", urls=pattern, loader_workers=2), world_size=2)
-    inspect_shards(DataConfig(source="webdataset", urls=pattern, loader_workers=2, resampled=True), world_size=2)
+    inspect_shards(DataConfig(source="webdataset", urls=pattern, loader_workers=2, resampled=True, epoch_batches=4),
+                   world_size=2)
     with pytest.raises(ConfigError, match="needs data.urls"):
         inspect_shards(DataConfig(source="webdataset"), world_size=1)
     with pytest.raises(ConfigError, match="do not exist"):
@@ -292,17 +294,50 @@ def test_resume_continues_the_stream_exactly(tmp_path, tiny_overrides):
 def test_streaming_data_resumes_in_a_fresh_epoch_when_the_layout_changes(tmp_path):
     write_coded_shards(tmp_path / "shards", [6, 6, 6, 6])
     config = DataConfig(source="webdataset", urls=f"{tmp_path}/shards/shard-{{000000..000003}}.tar", loader_workers=0)
-    data = StreamingData(config, batch_size=4, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    make = lambda: StreamingData(config, batch_size=4, rank=0, world_size=1, seed=0,  # noqa: E731
+                                 device=torch.device("cpu"))
+    data = make()
     first, _ = data.batch(4)
     state = data.state_dict()
-    again = StreamingData(config, batch_size=4, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
-    again.load_state_dict(state, rank_changed=False)
+    again = make()
+    again.load_state_dict([state], rank=0)
     second = again.batch(4)[0]
     assert torch.equal(second, data.batch(4)[0]) and not torch.equal(second, first)
-    moved = StreamingData(config, batch_size=4, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
-    moved.load_state_dict(state, rank_changed=True)
+    # Two old ranks, one of which had reached epoch 2: every new rank starts epoch 3.
+    ahead = {**state, "world_size": 2, "positions": {0: (2, 5, 1)}}
+    moved = make()
+    moved.load_state_dict([{**state, "world_size": 2}, ahead], rank=0)
     moved.batch(4)
-    assert moved.positions[0][0] == 1  # a fresh epoch, not the start of epoch 0 again
+    assert moved.positions[0][0] == 3
+
+
+def test_manifest_sizes_give_every_reader_the_same_batches_per_epoch(tmp_path):
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "x.npz", x=rng.integers(0, 256, (50, 8, 8), dtype=np.uint8))
+    manifest = write_shards(str(tmp_path / "x.npz"), str(tmp_path / "out"),
+                            ShardOptions(samples_per_shard=12, progress=False))  # 12, 12, 12, 12, 2
+    urls = sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
+    sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
+    counts = {}
+    for rank in (0, 1):
+        stream = ShardStream(urls, batch_size=4, image_size=8, channels=1, rank=rank, world_size=2, epochs=3,
+                             shuffle_buffer=4, shard_sizes=sizes)
+        batches = list(stream)
+        counts[rank] = [sum(b.epoch == e for b in batches) for e in range(3)]
+    assert counts[0] == counts[1] and min(counts[0]) >= 3  # even across ranks, every epoch
+    config = DataConfig(source="webdataset", urls=f"{tmp_path}/out/shard-{{000000..000004}}.tar", loader_workers=1)
+    with pytest.raises(ConfigError, match="fewer than one batch of 32"):
+        inspect_shards(config, world_size=2, batch_size=32)
+    with pytest.raises(ConfigError, match=r"epoch_batches \(1\) is smaller than data.loader_workers \(2\)"):
+        inspect_shards(DataConfig(source="webdataset", urls=config.urls, resampled=True, epoch_batches=1,
+                                  loader_workers=2), world_size=1)
+
+
+def test_a_reader_that_cannot_fill_a_batch_fails_instead_of_hanging(tmp_path):
+    urls = write_coded_shards(tmp_path, [3, 3])  # no manifest: caught while reading
+    stream = ShardStream(urls, batch_size=4, image_size=SIZE, channels=3, rank=0, world_size=2, shuffle_buffer=1)
+    with pytest.raises(ValueError, match="made no batch of 4"):  # one shard of 3 per rank, every epoch
+        next(iter(stream))
 
 
 @pytest.fixture()

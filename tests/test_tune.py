@@ -102,8 +102,10 @@ def test_search_stops_collapsed_and_poor_trials_and_registers_a_champion(first_s
     assert {r["trial"]: (r["status"], r["iterations"]) for r in table} == {
         t.trial_id: (t.status, f"{t.iterations}/10") for t in result.trials}
     compute = result.compute()
+    passes = 3 + 1  # every trial has L = 3: cost per iteration ∝ L + 1
     assert compute == {"planned": 30, "run": 12 + poor.iterations, "saved_by_collapse": 8,
-                       "saved_by_scheduler": 10 - poor.iterations}
+                       "saved_by_scheduler": 10 - poor.iterations, "passes_planned": 30 * passes,
+                       "passes_run": (12 + poor.iterations) * passes}
     summary = (result.out_dir / "summary.md").read_text()
     saved = 18 - poor.iterations
     assert f"{12 + poor.iterations} of 30 run; {saved} saved ({saved / 30:.0%})" in summary
@@ -274,3 +276,14 @@ def test_ray_train_trials_report_through_tune(ray_instance, tmp_path):
     assert [(r["iteration"], SMOOTHED_R in r) for r in reports] == [(2, True), (4, True)]
     assert reports[-1]["trial_status"] == "completed"
     assert (trial.run_dir / "checkpoints" / "iter-00000004" / "state.pt").is_file()
+
+
+def test_a_collapsed_trial_that_kept_running_still_reports_the_worst_value():
+    from distributed_ebm.tune import SMOOTHED_R, WORST, final_result
+
+    summary = {"status": "completed", "collapsed": True, "collapse": {"reason": "saturated", "iteration": 4},
+               "final": {"response_distance": 0.01}, "final_response_distance": 0.01, "iterations": 10,
+               "images_seen": 160}
+    result = final_result(summary, SMOOTHED_R, "min")  # stop_on_collapse: false ran it to its end
+    assert (result[SMOOTHED_R], result["measured"], result["trial_status"]) == (WORST, 0.01, "collapsed")
+    assert final_result({**summary, "collapsed": False}, SMOOTHED_R, "min")[SMOOTHED_R] == 0.01

@@ -192,7 +192,7 @@ def _tar_source(path: Path, options: ShardOptions):
         log.warning("%s is compressed: reading it in random order is slow; writing in stored order "
                     "instead (decompress it first to shuffle)", path)
         entries.sort(key=lambda e: members[e[0]].offset)
-        options = ShardOptions(**{**options.__dict__, "shuffle": False})
+        options.shuffle = False  # and manifest.json says so
 
     def samples():
         try:

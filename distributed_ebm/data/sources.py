@@ -61,7 +61,7 @@ class ImageData:
         """Nothing to resume: batches come from the checkpointed `data` generator."""
         return None
 
-    def load_state_dict(self, state: None, rank_changed: bool) -> None:
+    def load_state_dict(self, states: list, rank: int) -> None:
         return None
 
     def shard(self, rank: int, world_size: int) -> ImageData:

@@ -46,8 +46,13 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
+def _name(url: str) -> str:
+    """A shard's file name, the key of manifest.json's sample counts."""
+    return url.rstrip(" -").rsplit("/", 1)[-1].split()[0]
+
+
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """A brace pattern, a list or a space-separated string of URLs as a flat list."""
+    """Brace patterns (a list, or several joined by `::`) as a flat list of URLs."""
     import braceexpand
 
     items = urls if isinstance(urls, (list, tuple)) else [urls]
@@ -83,6 +88,12 @@ class Batch:
     made: int  # batches this worker made in this epoch, including this one
     corrupt: int  # samples skipped as corrupt since the worker's previous batch
     bad_shards: int  # shards found unreadable or truncated since the worker's previous batch
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader with pin_memory=True (CUDA): page-locked, for async copies."""
+        self.images = self.images.pin_memory()
+        self.labels = None if self.labels is None else self.labels.pin_memory()
+        return self
 
 
 class ShardError(OSError):
@@ -259,6 +270,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         drop_last: bool = True,
         start: dict[int, tuple[int, int, int]] | None = None,
         worker_offset: int = 0,
+        shard_sizes: dict[str, int] | None = None,
     ):
         super().__init__()
         if resampled and not epoch_batches:
@@ -272,8 +284,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.drop_last = drop_last
         self.start = dict(start or {})
         self.worker_offset = worker_offset  # DataLoader worker i plays the part of (i + offset) % W
+        # Samples per shard (from manifest.json): epoch mode then gives every reader of every rank
+        # the same number of batches per epoch, so ranks stay in the same epoch.
+        self.shard_sizes = shard_sizes
 
     # -- shard assignment --
+
+    def reader_shards(self, epoch: int, rank: int, worker: int, num_workers: int) -> list[str]:
+        """Epoch mode: the shards reader (rank, worker) reads in `epoch`."""
+        order = _seed(self.seed, epoch, 0).permutation(len(self.shards)) if self.shuffle_shards else range(len(self.shards))
+        return [self.shards[i] for i in order][rank :: self.world_size][worker::num_workers]
 
     def epoch_shards(self, epoch: int, worker: int, num_workers: int) -> Iterator[str]:
         """The shards (rank, worker) reads in `epoch` (finite in epoch mode, endless if resampled)."""
@@ -281,15 +301,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             rng = _seed(self.seed, epoch, self.rank, worker, 1)
             while True:
                 yield self.shards[int(rng.integers(len(self.shards)))]
-        order = _seed(self.seed, epoch, 0).permutation(len(self.shards)) if self.shuffle_shards else range(len(self.shards))
-        mine = [self.shards[i] for i in order][self.rank :: self.world_size][worker::num_workers]
-        yield from mine
+        yield from self.reader_shards(epoch, self.rank, worker, num_workers)
 
-    def worker_batches(self, worker: int, num_workers: int) -> int | None:
-        """Batches this worker yields per epoch in resampled mode (the rank's quota split evenly)."""
-        if not self.resampled:
+    def worker_batches(self, worker: int, num_workers: int, epoch: int) -> int | None:
+        """Batches this worker yields in `epoch`: resampled, the rank's quota split evenly; in epoch
+        mode with known shard sizes, what the reader with the fewest samples can fill (the same
+        for every reader of every rank); otherwise no limit."""
+        if self.resampled:
+            quota = self.epoch_batches // num_workers + (worker < self.epoch_batches % num_workers)
+            if quota == 0:
+                raise ValueError(f"data.epoch_batches ({self.epoch_batches}) is smaller than the "
+                                 f"{num_workers} loader workers: some would make no batch. Raise it.")
+            return quota
+        if self.shard_sizes is None:
             return None
-        return self.epoch_batches // num_workers + (worker < self.epoch_batches % num_workers)
+        return min(sum(self.shard_sizes[_name(u)] for u in self.reader_shards(epoch, r, w, num_workers))
+                   for r in range(self.world_size) for w in range(num_workers)) // self.batch_size
 
     # -- iteration --
 
@@ -302,9 +329,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         worker = (worker + self.worker_offset) % num_workers
         first_epoch, skip, skip_batches = self.start.get(worker, (0, 0, 0))
-        quota = self.worker_batches(worker, num_workers)
         epochs = count(first_epoch) if self.epochs is None else range(first_epoch, self.epochs)
         for epoch in epochs:
+            quota = self.worker_batches(worker, num_workers, epoch)
             resuming = epoch == first_epoch
             made = skip_batches if resuming else 0
             if quota is not None and made >= quota:
@@ -315,7 +342,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             for sample in self.raw_samples(epoch, worker, num_workers, errors):
                 position += 1
                 if resuming and position <= skip:
-                    continue  # consumed before the checkpoint: not decoded again
+                    reported = errors.count  # shard errors met here were counted before the checkpoint
+                    continue  # consumed before the checkpoint: read again, not decoded again
                 try:
                     image, label = self.decoder(sample)
                 except Exception as err:  # corrupt bytes raise many kinds in PIL: skip and count
@@ -337,6 +365,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                                   errors.count - reported)
             elif errors.count > reported or corrupt:  # report what the epoch's tail skipped
                 yield self._batch([], [], worker, epoch, position, made, corrupt, errors.count - reported)
+            if self.epochs is None and made == 0 and not (resuming and skip):
+                raise ValueError(
+                    f"Loader worker {worker} of rank {self.rank} made no batch of {self.batch_size} in "
+                    f"epoch {epoch} ({position} samples): its shards are too small. Write more samples "
+                    "per shard, use fewer loader workers or ranks, or set data.resampled=true.")
 
     def _batch(self, images, labels, worker, epoch, position, made, corrupt, bad_shards) -> Batch:
         y = torch.tensor(labels, dtype=torch.int64)
@@ -367,11 +400,17 @@ def _local_path(url: str) -> Path | None:
     return None if ("://" in url or url.startswith("pipe:")) else Path(url)
 
 
-def read_manifest(shards: list[str]) -> dict | None:
-    """manifest.json next to the shards, when it can be found (local folder or http(s))."""
+def read_manifest(shards: list[str], where: str | None = None) -> dict | None:
+    """`data.manifest` (a path, URL or pipe: command), else manifest.json next to the shards when
+    it can be found there (local folder or http(s))."""
     first = shards[0]
     local = _local_path(first)
     try:
+        if where:
+            from webdataset.gopen import gopen
+
+            with gopen(where, "rb") as stream:
+                return json.loads(stream.read())
         if local is not None:
             path = local.expanduser().parent / "manifest.json"
             return json.loads(path.read_text()) if path.is_file() else None
@@ -381,11 +420,21 @@ def read_manifest(shards: list[str]) -> dict | None:
             reply = requests.get(first.rsplit("/", 1)[0] + "/manifest.json", timeout=10)
             return reply.json() if reply.ok else None
     except (OSError, ValueError) as err:
+        if where:
+            raise ConfigError(f"Cannot read data.manifest '{where}' ({err}). Fix the path or URL.") from None
         log.warning("Ignoring an unreadable manifest.json next to %s (%s)", first, err)
     return None
 
 
-def inspect_shards(config: DataConfig, world_size: int) -> ShardInfo:
+def shard_sizes(shards: list[str], manifest: dict | None) -> dict[str, int] | None:
+    """Samples per shard file name, when the manifest lists every shard."""
+    if not manifest or "shards" not in manifest:
+        return None
+    sizes = {entry["name"]: int(entry["samples"]) for entry in manifest["shards"]}
+    return sizes if all(_name(u) in sizes for u in shards) else None
+
+
+def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None = None) -> ShardInfo:
     """Check the URLs before training starts and learn image size, channels and labels.
 
     Raises ConfigError, naming the cause and the fix, for: no URLs, fewer shards than readers in
@@ -446,7 +495,8 @@ def inspect_shards(config: DataConfig, world_size: int) -> ShardInfo:
         raise ConfigError(f"The shard '{shards[0]}' holds no samples: it is empty. Rewrite it with `debm shards`.")
     if not decoded:
         raise ConfigError(f"None of the first {raw_seen} samples of '{shards[0]}' decodes as an image.")
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards, config.manifest)
+    _check_epochs(config, shards, manifest, world_size, batch_size)
     has_labels = config.labels and all(label >= 0 for label in labels)
     num_classes = config.num_classes or (len(manifest["classes"]) if manifest and manifest.get("classes") else 0)
     if has_labels and not num_classes:
@@ -456,6 +506,36 @@ def inspect_shards(config: DataConfig, world_size: int) -> ShardInfo:
     first = torch.from_numpy(np.stack(decoded)).float() / 127.5 - 1.0
     return ShardInfo(shards, decoder.image_size, first.shape[1], has_labels, num_classes if has_labels else 0,
                      first, manifest)
+
+
+def _check_epochs(config: DataConfig, shards: list[str], manifest: dict | None, world_size: int,
+                  batch_size: int | None) -> None:
+    """Every reader must be able to fill batches in every epoch (checked where sizes are known)."""
+    workers = max(1, config.loader_workers)
+    if config.resampled:
+        if not config.epoch_batches and manifest is None:
+            raise ConfigError(
+                "data.resampled needs data.epoch_batches (batches per rank per epoch), or a "
+                "manifest.json to count samples (next to local or http shards, or data.manifest).")
+        if config.epoch_batches and config.epoch_batches < workers:
+            raise ConfigError(
+                f"data.epoch_batches ({config.epoch_batches}) is smaller than data.loader_workers "
+                f"({workers}): some loader workers would make no batch. Raise it or use fewer workers.")
+        return
+    sizes = shard_sizes(shards, manifest)
+    if sizes is None:
+        if world_size > 1:
+            log.warning("No manifest.json lists these shards: ranks cannot be given the same number "
+                        "of batches per epoch and may drift into different epochs. Set data.manifest "
+                        "or use data.resampled=true.")
+        return
+    per_reader = len(shards) // (world_size * workers)
+    smallest = sum(sorted(sizes[_name(u)] for u in shards)[:per_reader])  # the worst epoch's reader
+    if batch_size and smallest < batch_size:
+        raise ConfigError(
+            f"A reader ({world_size} rank(s) × {workers} loader worker(s)) may get only {smallest} "
+            f"samples in an epoch, fewer than one batch of {batch_size}. Write more samples per shard, "
+            "use fewer loader workers, or set data.resampled=true.")
 
 
 def _first_decoder(sample: dict, config: DataConfig) -> ImageDecoder:
@@ -491,7 +571,7 @@ class StreamingData:
                  device: torch.device, info: ShardInfo | None = None):
         self.config, self.batch_size, self.device = config, batch_size, device
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.info = info or inspect_shards(config, world_size)
+        self.info = info or inspect_shards(config, world_size, batch_size)
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.start: dict[int, tuple[int, int, int]] = {}
         self.next_worker = 0  # the loader worker whose batch comes next (DataLoader goes round-robin)
@@ -534,7 +614,7 @@ class StreamingData:
             channels=self.info.channels, rank=self.rank, world_size=self.world_size, seed=self.seed,
             shuffle_shards=self.config.shuffle_shards, shuffle_buffer=self.config.shuffle_buffer,
             resampled=self.config.resampled, epoch_batches=self.epoch_batches(), start=self.start,
-            worker_offset=self.next_worker,
+            worker_offset=self.next_worker, shard_sizes=shard_sizes(self.info.shards, self.info.manifest),
         )
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
@@ -575,11 +655,15 @@ class StreamingData:
                 "world_size": self.world_size, "loader_workers": self.config.loader_workers,
                 "shards": zlib.crc32("\n".join(self.info.shards).encode())}
 
-    def load_state_dict(self, state: dict | None, rank_changed: bool) -> None:
-        """Resume where the checkpoint stopped; with another layout, start a fresh epoch."""
-        if not state:
+    def load_state_dict(self, states: list[dict | None], rank: int) -> None:
+        """Resume from the checkpoint's per-rank states: exactly where this rank stopped, or, after
+        a change of ranks, loader workers or shards, at a fresh epoch after the latest any rank
+        reached (the same epoch on every rank, so their shares stay disjoint)."""
+        states = [s for s in states if s]
+        if not states:
             return
-        same = (not rank_changed and state["world_size"] == self.world_size
+        state = states[min(rank, len(states) - 1)]
+        same = (len(states) == self.world_size and state["world_size"] == self.world_size
                 and state["loader_workers"] == self.config.loader_workers
                 and state["shards"] == zlib.crc32("\n".join(self.info.shards).encode()))
         if same:
@@ -588,7 +672,7 @@ class StreamingData:
             self.positions = dict(state["positions"])
             self.next_worker = state["next_worker"]
             return
-        epoch = max((p[0] for p in state["positions"].values()), default=-1) + 1
+        epoch = max((p[0] for s in states for p in s["positions"].values()), default=-1) + 1
         workers = max(1, self.config.loader_workers)
         self.start = {w: (epoch, 0, 0) for w in range(workers)}
         log.warning("The data layout changed since the checkpoint (ranks, loader workers or shards): "
