@@ -71,7 +71,7 @@ def _inpaint(args: argparse.Namespace) -> int:
 
     from .data import load_dataset
     from .inference import load_run
-    from .inpainting import MASK_KINDS, inpainting_scores, make_masks
+    from .inpainting import MASK_KINDS, inpainting_scores, restore_each_mask
     from .rundir import save_sample_png
 
     model = load_run(args.run_dir, device=args.device)
@@ -84,9 +84,11 @@ def _inpaint(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {"run_dir": str(Path(args.run_dir).resolve()), "iteration": model.iteration, "method": args.method,
               "num_images": len(images), "images": f"{data.name}, seed {args.seed}", "masks": {}}
-    for kind in MASK_KINDS if args.mask == "all" else (args.mask,):
-        missing = make_masks(kind, len(images), images.shape[-1], generator=generator)
-        restored = model.inpaint(images, missing, method=args.method, steps=args.steps, seed=args.seed, labels=labels)
+    def restore(x: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        return model.inpaint(x, missing, method=args.method, steps=args.steps, seed=args.seed, labels=labels)
+
+    kinds = MASK_KINDS if args.mask == "all" else (args.mask,)
+    for kind, missing, restored in restore_each_mask(restore, images, kinds, generator=generator):
         report["masks"][kind] = inpainting_scores(restored, images)
         shown = torch.cat([images[:8], torch.where(missing[:8].bool(), torch.zeros_like(images[:8]), images[:8]), restored[:8]])
         save_sample_png(shown, out / f"{kind}.png", nrow=min(8, len(images)))

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, DataConfig, RunConfig, TrackingConfig, parse_overrides
 from .data import ImageData, load_dataset
 from .inference import TrainedModel, load_run
-from .inpainting import MASK_KINDS, inpainting_scores, make_masks
+from .inpainting import MASK_KINDS, inpainting_scores, restore_each_mask
 from .metrics import ResponseDistance
 from .metrics.classifier import cached_classifier
 from .metrics.generative import (
@@ -292,9 +292,7 @@ def inpainting_report(
     restore(images, missing) gives the restored images; masks (1: missing) come from `seed`."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
-    for kind in kinds:
-        missing = make_masks(kind, len(images), images.shape[-1], generator=generator)
-        restored = restore(images, missing)
+    for kind, _, restored in restore_each_mask(restore, images, kinds, generator=generator):
         out[kind] = {
             **inpainting_scores(restored, images),
             "fid": frechet_inception_distance(restored, images, network, batch_size=batch_size),
@@ -420,7 +418,7 @@ def log_to_mlflow(report: dict, report_path: Path, *, run_dir: str | None, step:
     import mlflow
     from mlflow.entities import Metric, RunTag
 
-    from .tracking import check_tracking, resolve_tracking_uri
+    from .tracking import check_tracking, experiment_id_for, resolve_tracking_uri
 
     target = _training_run(run_dir)
     if target is not None:
@@ -431,8 +429,7 @@ def log_to_mlflow(report: dict, report_path: Path, *, run_dir: str | None, step:
         uri = resolve_tracking_uri(TrackingConfig())
         check_tracking(uri)
         client = mlflow.MlflowClient(uri)
-        found = client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+        experiment_id = experiment_id_for(client, EXPERIMENT)
         model = report["model"]
         tags = {
             k: v

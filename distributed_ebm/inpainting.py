@@ -9,7 +9,7 @@ with g(ζ), then refines it with the same masked Langevin.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -36,6 +36,17 @@ def make_masks(kind: str, num: int, size: int, *, generator: torch.Generator, sq
         spots = (torch.rand(num, 1, size, size, generator=generator) < spot_fraction).float()
         masks = torch.maximum(masks, spots)
     return masks
+
+
+def restore_each_mask(
+    restore: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor, kinds: tuple[str, ...],
+    *, generator: torch.Generator,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(kind, missing, restored) for each mask kind: masks (1 = missing) drawn from `generator`,
+    `restore(images, missing)` fills them (the loop behind `debm inpaint` and `debm evaluate`)."""
+    for kind in kinds:
+        missing = make_masks(kind, len(images), images.shape[-1], generator=generator)
+        yield kind, missing, restore(images, missing)
 
 
 def inpaint_langevin(

@@ -49,6 +49,28 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def experiment_id_for(client, name: str) -> str:
+    """The id of the MLflow experiment `name`, created if missing."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def run_for_dir(client, experiment_id: str, run_dir: Path) -> str | None:
+    """The id of the run a training run opened for `run_dir` (tag debm_run_dir), if any."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.debm_run_dir = '{run_dir}'",
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Log params in batches of 100 (MLflow's limit per call), values cut to 6000 characters."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
 class Tracker:
     """One MLflow run for one training run, written from rank 0."""
 
@@ -58,24 +80,17 @@ class Tracker:
         self.config = config
         self.uri = resolve_tracking_uri(config.tracking)
         self.client = mlflow.MlflowClient(self.uri)
-        experiment = config.tracking.experiment or config.name
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        existing = self.client.search_runs([experiment_id], filter_string=f"tags.debm_run_dir = '{run_dir}'",
-                                           max_results=1)
+        experiment_id = experiment_id_for(self.client, config.tracking.experiment or config.name)
+        existing = run_for_dir(self.client, experiment_id, run_dir)
         if existing:  # a resumed run continues its MLflow run
-            self.run_id = existing[0].info.run_id
+            self.run_id = existing
         else:
             tags = {"debm_run_dir": str(run_dir), **{f"debm.{k}": str(v) for k, v in info.items()}}
             if config.tracking.parent_run_id:  # a search's trial: nested under the search's run
                 tags[PARENT_TAG] = config.tracking.parent_run_id
             run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
             self.run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(config.to_dict()).items()]
-            for start in range(0, len(params), 100):
-                self.client.log_batch(self.run_id, params=params[start : start + 100])
+            log_params(self.client, self.run_id, flatten(config.to_dict()))
         self.experiment_id = experiment_id
         self.buffer: list = []
 
@@ -144,25 +159,18 @@ class SearchRun:
 
     def __init__(self, uri: str, experiment: str, name: str, params: dict, tags: dict):
         import mlflow
-        from mlflow.entities import Param
 
         self.uri = uri
         self.client = mlflow.MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (found.experiment_id if found
-                              else self.client.create_experiment(experiment))
+        self.experiment_id = experiment_id_for(self.client, experiment)
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"debm.kind": "search", **tags})
         self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        log_params(self.client, self.run_id, params)
 
     def trial_run_id(self, run_dir: Path) -> str | None:
         """The id of the run a trial's train_loop opened for `run_dir` (None if it never did)."""
-        runs = self.client.search_runs([self.experiment_id], max_results=1,
-                                       filter_string=f"tags.debm_run_dir = '{run_dir}'")
-        return runs[0].info.run_id if runs else None
+        return run_for_dir(self.client, self.experiment_id, run_dir)
 
     def finish_trial(self, run_id: str, mlflow_status: str, metrics: dict, tags: dict) -> None:
         """Log a trial's outcome on its nested run and close it with `mlflow_status` (FINISHED,

@@ -160,16 +160,16 @@ def _real_row(dataset: str, args, common: dict) -> tuple[list[str], dict, float]
         "1.00",
         "11.24",
         "1.00",
-        _num(s["fid"], 2),
-        _num(s["kid_mean"]),
-        _num(s["precision"]),
-        _num(s["recall"]),
-        _num(s["density"]),
-        _num(s["coverage"]),
-        _num(r, 4),
+        *_score_cells(s, r),
         "–",
     ]
     return row, network.describe(), s["is_mean"]
+
+
+def _score_cells(s: dict, r: float) -> list[str]:
+    """The FID … coverage and R columns shared by the real-data and model rows."""
+    return [_num(s["fid"], 2), *(_num(s[k]) for k in ("kid_mean", "precision", "recall", "density", "coverage")),
+            _num(r, 4)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,13 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{s['is_mean'] / real_is:.2f}",
                     paper or "–",
                     _paper_ratio(paper),
-                    _num(s["fid"], 2),
-                    _num(s["kid_mean"]),
-                    _num(s["precision"]),
-                    _num(s["recall"]),
-                    _num(s["density"]),
-                    _num(s["coverage"]),
-                    _num(s["response_distance"], 4),
+                    *_score_cells(s, s["response_distance"]),
                     f"{model.iteration} it, "
                     + ("given run" if train_s is None else f"{train_s:.0f} s"),
                 ]

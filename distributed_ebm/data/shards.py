@@ -36,11 +36,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..config import ConfigError
+from .sources import IMAGE_SUFFIXES, centre_crop_resize
 
 log = logging.getLogger(__name__)
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 UPLOAD_COMMANDS = {"s3": "aws s3 cp --only-show-errors {src} {dst}", "gs": "gsutil -q cp {src} {dst}"}
 MANIFEST = "manifest.json"
 
@@ -261,18 +261,6 @@ def _dataset_source(source: str):
 
 
 # --- encoding --------------------------------------------------------------------------------
-
-
-def centre_crop_resize(image, size: int):
-    """Resize the shorter side to `size` (antialiased) and centre-crop to size × size (PIL)."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def encode_sample(raw: RawSample, options: ShardOptions) -> tuple[str, bytes]:

@@ -118,6 +118,18 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top : top + size, left : left + size].clamp(-1, 1)
 
 
+def centre_crop_resize(image, size: int):
+    """Resize the shorter side to `size` (antialiased) and centre-crop to size × size (PIL)."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def _finish(x: torch.Tensor, y: torch.Tensor | None, name: str, config: DataConfig, skipped: int = 0) -> ImageData:
     """Apply the shared options: image size, grey/RGB, few-sample cut, labels."""
     if x.dim() == 4:
@@ -226,15 +238,15 @@ def _folder(config: DataConfig) -> ImageData:
     for path in files:
         try:
             with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
+                image = image.convert("RGB")
+                if config.image_size is not None:  # as the shard reader does (data/stream.py)
+                    image = centre_crop_resize(image, config.image_size)
+                array = np.asarray(image)
         except (UnidentifiedImageError, OSError) as err:
             skipped.append(path)
             log.warning("Skipping unreadable image %s (%s)", path, err)
             continue
-        tensor = to_nchw(array[None], str(path))
-        if config.image_size is not None:
-            tensor = resize(tensor, config.image_size)
-        images.append(tensor)
+        images.append(to_nchw(array[None], str(path)))
         labels.append(class_index.get(path.parent.name, 0))
     if not images:
         raise ConfigError(f"None of the {len(files)} images under '{root}' could be read.")

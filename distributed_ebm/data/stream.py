@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,25 +52,25 @@ def _name(url: str) -> str:
     return url.rstrip(" -").rsplit("/", 1)[-1].split()[0]
 
 
+def url_patterns(urls: str | list[str]) -> list[str]:
+    """The brace patterns of `data.urls`: a list, or several joined by `::`."""
+    items = urls if isinstance(urls, (list, tuple)) else [urls]
+    return [part.strip() for item in items for part in str(item).split("::") if part.strip()]
+
+
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace patterns (a list, or several joined by `::`) as a flat list of URLs."""
+    """The shard URLs of `data.urls`, brace patterns expanded."""
     import braceexpand
 
-    items = urls if isinstance(urls, (list, tuple)) else [urls]
-    expanded = []
-    for item in items:
-        for part in str(item).split("::"):
-            expanded.extend(braceexpand.braceexpand(part.strip()))
-    return [u for u in expanded if u]
+    return [u for pattern in url_patterns(urls) for u in braceexpand.braceexpand(pattern) if u]
 
 
 def absolute_urls(urls: str | None) -> str | None:
     """Make relative local paths absolute (Ray workers change directory); URLs stay as they are."""
     if not urls:
         return urls
-    parts = [u.strip() for u in urls.split("::")]
     return " :: ".join(u if ("://" in u or u.startswith("pipe:") or Path(u).is_absolute()) else
-                       str(Path.cwd() / u) for u in parts)
+                       str(Path.cwd() / u) for u in url_patterns(urls))
 
 
 def _seed(*parts: int) -> np.random.Generator:
@@ -211,7 +212,7 @@ class ImageDecoder:
     def __init__(self, image_size: int, channels: int):
         from PIL import Image
 
-        from .shards import centre_crop_resize
+        from .sources import centre_crop_resize
 
         self.image_size = image_size
         self.mode = "L" if channels == 1 else "RGB"
@@ -628,8 +629,6 @@ class StreamingData:
             raise ValueError(f"This stream makes batches of {self.batch_size}, not {n}.")
         if self._iterator is None:
             self._iterator = self._loader()
-        import time
-
         tick = time.perf_counter()
         while True:
             batch: Batch = next(self._iterator)
