@@ -4,7 +4,7 @@
    shuffle buffer, decode, resize check, batching; in this process, one core) against the plain
    loop a researcher would write over the same JPEG files (PIL open → RGB → tensor). Target ratio
    ≥ 0.8. Also the reader behind a DataLoader with `--loader-workers` processes (total and per core).
-2. The fraction of training step time spent waiting for data: `train_loop` on the shards with
+2. The fraction of training step time spent waiting for data: `train_loop.train` on the shards with
    `data.loader_workers` worker processes (`data_wait_s` / `seconds` from metrics.jsonl). Target < 5 %.
 
     python benchmarks/data.py                                   # synthetic 32×32 JPEGs (no downloads)
@@ -89,7 +89,7 @@ def timed(fn, repeats: int) -> tuple[float, int]:
 
 
 def wait_fraction(urls_pattern: str, size: int, iterations: int, loader_workers: int, run_dir: Path) -> dict:
-    from distributed_ebm.train_loop import train_loop
+    from distributed_ebm.train_loop import train
 
     config = RunConfig.from_dict({
         "name": "bench-data",
@@ -99,7 +99,7 @@ def wait_fraction(urls_pattern: str, size: int, iterations: int, loader_workers:
         "chains": {"bank_size": 64, "batch_size": 64},
         "tracking": {"enabled": False},
     })
-    train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "progress": False})
+    train(config, run_dir, progress=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:]  # warm-up
     wait = sum(r["data_wait_s"] for r in rows)
     total = sum(r["seconds"] for r in rows)

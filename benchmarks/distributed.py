@@ -1,9 +1,9 @@
 """Framework overhead and weak scaling of the training step, measured in one run.
 
 (a) Overhead: iterations/s of debm's one-worker training step (`EBMAlgorithm.train_step`, and the
-    whole `train_loop` iteration with metrics, R, collapse checks and files) against a plain
+    whole `train_loop.train` iteration with metrics, R, collapse checks and files) against a plain
     PyTorch loop doing the same Langevin steps and JKO update on the same network.
-(b) Weak scaling: chains × Langevin steps per second of `train_loop` in 2 gloo processes against
+(b) Weak scaling: chains × Langevin steps per second of `train_loop.train` in 2 gloo processes against
     1, per-worker batch fixed, one thread per process; bytes all-reduced per iteration, and an
     extrapolation to 8 GPUs × 8 nodes.
 
@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from distributed_ebm.algorithms import ALGORITHMS
 from distributed_ebm.config import load_config
 from distributed_ebm.data import load_dataset
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.train_loop import train
 
 ROOT = Path(__file__).parents[1]
 
@@ -90,7 +90,7 @@ def overhead(preset: str, iterations: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         loop_config = config.replace({"train.iterations": iterations + 5, "train.sample_every": 10**6,
                                       "train.checkpoint_every": 10**6})
-        train_loop({"config": loop_config.to_dict(), "run_dir": tmp, "progress": False})
+        train(loop_config, tmp, progress=False)
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][5:]
         loop = statistics.mean(r["seconds"] for r in rows)
     return {"plain_s": base, "train_step_s": debm, "train_loop_s": loop}
@@ -101,7 +101,7 @@ def _worker(rank: int, world: int, init: str, preset: str, iterations: int, out:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     config = load_config(ROOT / preset, {"tracking.enabled": False, "train.iterations": iterations,
                                          "train.sample_every": 10**6, "train.checkpoint_every": 10**6})
-    train_loop({"config": config.to_dict(), "run_dir": out, "progress": False})
+    train(config, out, progress=False)
     dist.destroy_process_group()
 
 

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chains import ChainBank
-from .config import ConfigError, OptimConfig, RunConfig
+from .config import ConfigError, LangevinConfig, OptimConfig, RunConfig
 from .distributed import shared_generator
 from .energy import Energy, build_energy
 from .generator import Generator, build_generator
-from .langevin import langevin
+from .langevin import LangevinSettings
 from .losses import ams_loss, energy_u, jko_loss, mle_loss, reconstruction_loss, score_grad_penalty
 from .metrics.collapse import energy_gap_z, saturation
 
@@ -46,6 +46,10 @@ class TrainState:
     meta: dict = field(default_factory=dict)  # sample_shape, data_mean, num_classes: what inference needs
     data_range: tuple[float, float] = (-1.0, 1.0)
     sync_gradients: GradientSync = field(default=no_sync)
+    sampler: LangevinSettings = field(init=False)  # the run's Langevin knobs, from config.langevin
+
+    def __post_init__(self) -> None:
+        self.sampler = langevin_settings(self.config.langevin, self.data_range)
 
     @property
     def energy(self) -> Energy:
@@ -101,22 +105,33 @@ def grad_norm(params: list[torch.Tensor]) -> float:
     return float(torch.cat(grads).norm()) if grads else 0.0
 
 
-def run_langevin(state: TrainState, energy: Energy, x0: torch.Tensor, labels: torch.Tensor | None,
-                 generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
-    """Langevin on `energy` from x0 with the run's sampler settings (L steps unless `steps` is given)."""
-    lang = state.config.langevin
-    return langevin(
-        energy.score_fn(labels),
-        x0,
-        steps=lang.langevin_steps if steps is None else steps,
-        step_size=lang.step_size,
-        ref_sigma=lang.ref_sigma,
-        generator=generator,
-        clamp=state.data_range if lang.clamp else None,
-        compile=lang.compile,
-        autocast=lang.autocast,
-        channels_last=lang.channels_last,
+def langevin_settings(config: LangevinConfig, data_range: tuple[float, float]) -> LangevinSettings:
+    """The sampler knobs of `config` (L steps per call by default; clamped to `data_range` when
+    langevin.clamp is on): the one place the config's Langevin section is read."""
+    return LangevinSettings(
+        steps=config.langevin_steps,
+        step_size=config.step_size,
+        ref_sigma=config.ref_sigma,
+        clamp=data_range if config.clamp else None,
+        compile=config.compile,
+        autocast=config.autocast,
+        channels_last=config.channels_last,
     )
+
+
+def jko_gamma(seed: int, iteration: int, device: torch.device) -> torch.Tensor:
+    """γ ~ U[0, 1] of the JKO penalty: one draw per iteration, the same on every rank."""
+    return torch.rand((), generator=shared_generator(seed, iteration)).to(device)
+
+
+@dataclass
+class EnergyLoss:
+    """An energy's loss on one batch, with its scores Φ (detached) and its terms as floats."""
+
+    loss: torch.Tensor
+    phi_data: torch.Tensor
+    phi_syn: torch.Tensor
+    terms: dict[str, float]  # loss_mle (+ penalty_prev, penalty_syn, gamma with JKO)
 
 
 def energy_loss(
@@ -127,38 +142,59 @@ def energy_loss(
     x_syn: torch.Tensor,
     syn_labels: torch.Tensor | None,
     *,
-    jko: bool,
-    config: RunConfig,
-    iteration: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_mle, or L_w with γ ~ U[0, 1] (one draw per iteration, the same on every rank), and the
-    energy metrics."""
-    phi_data, phi_syn = energy(data, data_labels) if data_labels is not None else energy(data), (
-        energy(x_syn, syn_labels) if syn_labels is not None else energy(x_syn)
-    )
+    gamma: torch.Tensor | float | None = None,
+    jko_weight: float = 0.0,
+    penalty_params: str = "theta",
+) -> EnergyLoss:
+    """L_mle, or with `gamma` given L_w = L_mle + (β/2)((1 − γ) P(x_prev) + γ P(x_syn)).
+
+    Args:
+        gamma: γ ∈ [0, 1] (drawn by the caller: `jko_gamma`); None: no JKO penalty.
+        jko_weight: β, the weight of the JKO time piece.
+        penalty_params: which parameters the penalty's gradient reaches, "theta" or "all".
+    """
+    phi_data = energy(data, data_labels) if data_labels is not None else energy(data)
+    phi_syn = energy(x_syn, syn_labels) if syn_labels is not None else energy(x_syn)
     loss = mle_loss(phi_data, phi_syn)
-    metrics: dict[str, float] = {"loss_mle": float(loss.detach())}
-    if jko:
-        gamma = torch.rand((), generator=shared_generator(config.train.seed, iteration)).to(x_syn.device)
-        score = energy.score_reaching(config.model.penalty_params, syn_labels)
+    terms: dict[str, float] = {"loss_mle": float(loss.detach())}
+    if gamma is not None:
+        score = energy.score_reaching(penalty_params, syn_labels)
         penalty_prev, penalty_syn = score_grad_penalty(score, x_prev), score_grad_penalty(score, x_syn)
-        loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=config.model.jko_weight, gamma=gamma)
-        metrics.update(penalty_prev=float(penalty_prev.detach()), penalty_syn=float(penalty_syn.detach()),
-                       gamma=float(gamma))
-    sigma = config.langevin.ref_sigma
-    phi_data, phi_syn = phi_data.detach(), phi_syn.detach()
-    metrics.update(
-        loss=float(loss.detach()),
-        phi_data=float(phi_data.mean()),
-        phi_chains=float(phi_syn.mean()),
-        energy_data=float(energy_u(phi_data, data, ref_sigma=sigma).mean()),
-        energy_chains=float(energy_u(phi_syn, x_syn, ref_sigma=sigma).mean()),
-        energy_gap_z=energy_gap_z(phi_data, phi_syn),
-        chain_saturation=saturation(x_syn),
-        data_saturation=saturation(data),
-        nonfinite=float(not bool(torch.isfinite(x_syn).all() and torch.isfinite(loss))),
-    )
-    return loss, metrics
+        loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=jko_weight, gamma=gamma)
+        terms.update(penalty_prev=float(penalty_prev.detach()), penalty_syn=float(penalty_syn.detach()),
+                     gamma=float(gamma))
+    return EnergyLoss(loss, phi_data.detach(), phi_syn.detach(), terms)
+
+
+def energy_diagnostics(result: EnergyLoss, data: torch.Tensor, x_syn: torch.Tensor, *,
+                       ref_sigma: float) -> dict[str, float]:
+    """The loss, mean Φ and U on data and chains, and what the collapse detector watches:
+    the energy gap, chain and data saturation, and whether anything became NaN/Inf."""
+    phi_data, phi_syn = result.phi_data, result.phi_syn
+    return {
+        "loss": float(result.loss.detach()),
+        "phi_data": float(phi_data.mean()),
+        "phi_chains": float(phi_syn.mean()),
+        "energy_data": float(energy_u(phi_data, data, ref_sigma=ref_sigma).mean()),
+        "energy_chains": float(energy_u(phi_syn, x_syn, ref_sigma=ref_sigma).mean()),
+        "energy_gap_z": energy_gap_z(phi_data, phi_syn),
+        "chain_saturation": saturation(x_syn),
+        "data_saturation": saturation(data),
+        "nonfinite": float(not bool(torch.isfinite(x_syn).all() and torch.isfinite(result.loss))),
+    }
+
+
+def energy_objective(state: TrainState, energy: Energy, data: torch.Tensor, data_labels: torch.Tensor | None,
+                     x_prev: torch.Tensor, x_syn: torch.Tensor, syn_labels: torch.Tensor | None, *,
+                     jko: bool, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The run's energy loss (L_w with the config's β and this iteration's γ when `jko`) and its
+    metrics."""
+    cfg = state.config
+    gamma = jko_gamma(cfg.train.seed, iteration, x_syn.device) if jko else None
+    result = energy_loss(energy, data, data_labels, x_prev, x_syn, syn_labels, gamma=gamma,
+                         jko_weight=cfg.model.jko_weight, penalty_params=cfg.model.penalty_params)
+    metrics = {**result.terms, **energy_diagnostics(result, data, x_syn, ref_sigma=cfg.langevin.ref_sigma)}
+    return result.loss, metrics
 
 
 def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dict[str, list[nn.Parameter]],
@@ -254,11 +290,11 @@ class EBMAlgorithm:
         cfg, energy, bank = state.config, state.energy, state.banks["chains"]
         index, x_prev = bank.sample(chains_per_step(cfg.chains.batch_size, cfg.chains.bank_size, bank), generator)
         syn_labels = bank.labels_at(index)
-        x_syn = run_langevin(state, energy, x_prev, syn_labels, generator)
+        x_syn = state.sampler(energy.score_fn(syn_labels), x_prev, generator=generator)
         bank.write(index, x_syn)
         data_labels = labels if syn_labels is not None else None
-        loss, metrics = energy_loss(energy, data, data_labels, x_prev, x_syn, syn_labels, jko=self.jko,
-                                    config=cfg, iteration=iteration)
+        loss, metrics = energy_objective(state, energy, data, data_labels, x_prev, x_syn, syn_labels,
+                                         jko=self.jko, iteration=iteration)
         metrics.update(energy_step(state, energy, loss))
         return StepOutput(metrics, x_syn)
 
@@ -267,7 +303,7 @@ class EBMAlgorithm:
         """Fresh chains: started like the bank's chains, run `steps` (default langevin.sample_steps)."""
         x0 = state.banks["chains"].initial_states(num, generator)
         steps = state.config.langevin.sample_steps if steps is None else steps
-        return run_langevin(state, state.energy, x0, labels, generator, steps)
+        return state.sampler(state.energy.score_fn(labels), x0, generator=generator, steps=steps)
 
 
 def resample(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -351,15 +387,16 @@ class MultiGridAlgorithm:
         syn_labels = labels[: cfg.chains.batch_size] if state.meta["num_classes"] else None
 
         def sample(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
-            return run_langevin(state, energy, x0, syn_labels, generator)
+            return state.sampler(energy.score_fn(syn_labels), x0, generator=generator)
 
         chains = multigrid_chains(energies, self.first_grid(state, cfg.chains.batch_size), cfg.model.grid_sizes,
                                   upsample=cfg.model.upsample, sample=sample)
         total, metrics = 0.0, {}
         for energy, size, (start, final) in zip(energies, cfg.model.grid_sizes, chains):
             data_labels = labels if syn_labels is not None else None
-            loss, grid_metrics = energy_loss(energy, resample(data, size, cfg.model.upsample), data_labels, start,
-                                             final, syn_labels, jko=self.jko, config=cfg, iteration=iteration)
+            loss, grid_metrics = energy_objective(state, energy, resample(data, size, cfg.model.upsample),
+                                                  data_labels, start, final, syn_labels, jko=self.jko,
+                                                  iteration=iteration)
             total = total + loss
             metrics.update({f"grid{size}_{k}": v for k, v in grid_metrics.items() if k in ("loss", "phi_data", "phi_chains")})
             metrics.update(grid_metrics)  # the finest grid's metrics stay under the plain names
@@ -377,7 +414,7 @@ class MultiGridAlgorithm:
         chains = multigrid_chains(
             list(state.models["grids"]), self.first_grid(state, num), state.config.model.grid_sizes,
             upsample=state.config.model.upsample,
-            sample=lambda energy, x0: run_langevin(state, energy, x0, labels, generator, steps),
+            sample=lambda energy, x0: state.sampler(energy.score_fn(labels), x0, generator=generator, steps=steps),
         )
         return chains[-1][1]
 
@@ -430,10 +467,10 @@ class GGCNAlgorithm:
         syn_labels = latents.labels_at(index)
         with torch.no_grad():
             x = gen_net(z, syn_labels)
-        x_hat = run_langevin(state, energy, x, syn_labels, generator)
+        x_hat = state.sampler(energy.score_fn(syn_labels), x, generator=generator)
         data_labels = labels if syn_labels is not None else None
-        loss, metrics = energy_loss(energy, data, data_labels, x, x_hat, syn_labels, jko=self.jko, config=cfg,
-                                    iteration=iteration)
+        loss, metrics = energy_objective(state, energy, data, data_labels, x, x_hat, syn_labels, jko=self.jko,
+                                         iteration=iteration)
         metrics.update(energy_step(state, energy, loss))
         metrics["langevin_shift"] = float((x_hat - x).flatten(1).norm(dim=1).mean())
 
@@ -464,10 +501,12 @@ class GGCNAlgorithm:
             latents = torch.randn((num, state.config.generator.latent_dim), generator=generator, device=device)
         with torch.no_grad():
             x = state.generator(latents.to(device), labels)
-        return run_langevin(state, state.energy, x, labels, generator, steps)
+        return state.sampler(state.energy.score_fn(labels), x, generator=generator, steps=steps)
 
 
-ALGORITHMS: dict[str, EBMAlgorithm | MultiGridAlgorithm | GGCNAlgorithm] = {
+Algorithm = EBMAlgorithm | MultiGridAlgorithm | GGCNAlgorithm
+
+ALGORITHMS: dict[str, Algorithm] = {
     "frame": EBMAlgorithm("frame", "frame", jko=False, description="FRAME: fixed filter bank, θ by MLE"),
     "wframe": EBMAlgorithm("wframe", "frame", jko=True, description="wFRAME: FRAME with the JKO penalty"),
     "gcn": EBMAlgorithm("gcn", "conv", jko=False, description="GCN: ConvNet filters w and θ by MLE"),
@@ -485,7 +524,7 @@ ALGORITHMS: dict[str, EBMAlgorithm | MultiGridAlgorithm | GGCNAlgorithm] = {
 }
 
 
-def get_algorithm(name: str):
+def get_algorithm(name: str) -> Algorithm:
     """The registered algorithm `name`, or a ConfigError listing the valid names."""
     if name not in ALGORITHMS:
         raise ConfigError(f"Unknown model.algorithm '{name}'. Choose one of {sorted(ALGORITHMS)}.")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -90,6 +92,20 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class CheckpointStore(Protocol):
+    """Where a run's checkpoints go: a local folder, or Ray Train's storage (trainer.py)."""
+
+    def latest(self) -> Path | None:
+        """The checkpoint to resume from, as a local folder, or None."""
+
+    def save(self, iteration: int, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
+        """Save the checkpoint of `iteration`: `write(directory)` puts this rank's files there."""
+
+    def final_checkpoint(self) -> Path | None:
+        """The newest checkpoint as a local folder that outlives the run (what a finished run
+        registers), or None when the store cannot give one."""
+
+
 class LocalCheckpointStore:
     """Checkpoints as directories under one local root (one process, or ranks sharing a disk)."""
 
@@ -100,11 +116,12 @@ class LocalCheckpointStore:
         """The newest complete checkpoint directory, or None."""
         return latest_checkpoint(self.root)
 
-    def save(self, iteration: int, write, metrics: dict, is_main: bool) -> None:
+    def save(self, iteration: int, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
         """Let `write(directory)` put this rank's files into the iteration's directory."""
         write(self.root / checkpoint_name(iteration))
         if is_main:
             prune_checkpoints(self.root, self.keep)
 
-    def report(self, metrics: dict) -> None:
-        """Nothing to report outside the run directory."""
+    def final_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint directory, or None."""
+        return self.latest()

@@ -206,9 +206,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _did_you_mean(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+def did_you_mean(word: str, choices, *, list_choices: bool = True) -> str:
+    """The hint for an unknown name: " Did you mean 'X'?" with the closest of `choices`; when
+    none is close, " Valid keys: …." (or "" with list_choices=False, for messages that list
+    the choices themselves)."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{close[0]}'?"
+    return f" Valid keys: {', '.join(sorted(choices))}." if list_choices else ""
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -220,7 +225,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in fields:
             raise ConfigError(
-                f"Unknown config key '{prefix}{key}'.{_did_you_mean(key, list(fields))}"
+                f"Unknown config key '{prefix}{key}'.{did_you_mean(key, fields)}"
                 " Fix the YAML file or the --set override."
             )
     values = {}

@@ -99,12 +99,9 @@ class TrainedModel:
             steps = lang.langevin_steps if steps is None else steps
         elif method != "langevin":
             raise ConfigError(f"Unknown inpainting method '{method}'. Choose 'langevin' or 'generator'.")
-        return inpaint_langevin(
-            energy.score_fn(labels), images, missing, steps=lang.sample_steps if steps is None else steps,
-            step_size=lang.step_size, ref_sigma=lang.ref_sigma, generator=generator,
-            clamp=self.state.data_range if lang.clamp else None, init=init,
-            compile=lang.compile, autocast=lang.autocast, channels_last=lang.channels_last,
-        ).cpu()
+        knobs = self.state.sampler.keywords(lang.sample_steps if steps is None else steps)
+        return inpaint_langevin(energy.score_fn(labels), images, missing, generator=generator, init=init,
+                                **knobs).cpu()
 
     def interpolation_latents(self, rows: int, midpoints: int, *, seed: int = 0) -> torch.Tensor:
         """(rows · (midpoints + 2), d) latents: each row runs linearly between two ends ~ N(0, I)

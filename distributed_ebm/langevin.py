@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -122,6 +123,35 @@ def langevin(
             if move is not None:
                 torch.where(move, x, keep, out=x)
     return x.contiguous(memory_format=_layout_of(x0))
+
+
+@dataclass(frozen=True)
+class LangevinSettings:
+    """The sampler's knobs, fixed once for a run: calling it runs `langevin` with them.
+
+    Training, `debm sample`/`inpaint`/`interpolate` and serving all sample through one of these,
+    so the knobs are mapped from the config in one place (algorithms.langevin_settings).
+    """
+
+    steps: int  # L: steps per call unless the call says otherwise
+    step_size: float  # δ
+    ref_sigma: float  # σ of the Gaussian reference
+    clamp: tuple[float, float] | None = None  # bounds after every step (the data range), or none
+    compile: bool = False  # see `langevin`
+    autocast: str | None = None  # see `langevin`
+    channels_last: bool = False  # see `langevin`
+
+    def keywords(self, steps: int | None = None) -> dict:
+        """The keyword arguments of `langevin` (and inpainting.inpaint_langevin): `steps` steps,
+        default L."""
+        return {"steps": self.steps if steps is None else steps, "step_size": self.step_size,
+                "ref_sigma": self.ref_sigma, "clamp": self.clamp, "compile": self.compile,
+                "autocast": self.autocast, "channels_last": self.channels_last}
+
+    def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, *, generator: torch.Generator | None,
+                 steps: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`langevin(score_fn, x0, …)` with these knobs: `steps` steps (default L)."""
+        return langevin(score_fn, x0, generator=generator, mask=mask, **self.keywords(steps))
 
 
 def _grad_fn(score_fn: ScoreFn, x0: torch.Tensor, *, compile: bool, autocast: str | None) -> GradFn:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import io
 import math
 import numbers
@@ -39,7 +38,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from .config import ConfigError
+from .config import ConfigError, did_you_mean
 from .inpainting import MASK_KINDS, make_masks
 
 MAX_IMAGES = 256  # images one request may ask for, all rows together
@@ -376,8 +375,7 @@ def parse_request(request: dict, model) -> Job:
     parse, fields = TASKS[task]
     for key, value in request.items():
         if key != "task" and key not in fields and not _missing(value):
-            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(key, fields, list_choices=False)
             raise InvalidRequest(
                 f"Unknown field '{key}' for task '{task}'.{hint} Fields: {', '.join(fields)}."
             )

@@ -1,15 +1,23 @@
-"""MLflow: params, per-iteration metrics (step = images seen), artifacts and the registered model.
+"""MLflow, and only here: params, per-iteration metrics (step = images seen), artifacts, the
+registered model, searches' parent runs, evaluation metrics, and loading models by URI.
 
 Only rank 0 talks to MLflow. The tracking URI comes from the config, else MLFLOW_TRACKING_URI,
 else an absolute `sqlite:///…/mlflow.db` in the launching directory, so that workers that change
-directory still write to the same store.
+directory still write to the same store. Clients are built for an explicit URI; where MLflow's
+fluent API needs the global URI (logging or loading a model), `fluent_tracking_uri` sets it for
+one block and restores the caller's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow marks a nested run with its parent's id under this tag
 CHAMPION = "champion"  # the registered model alias a search moves to a better model
+EVALUATE_EXPERIMENT = "debm-evaluate"  # evaluations that have no training run to join log here
+ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")  # models:/NAME@ALIAS
 
 
 def resolve_tracking_uri(config: TrackingConfig) -> str:
@@ -47,6 +57,20 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
             "(mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db), fix "
             "tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false to train without MLflow."
         ) from None
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (start_run, pyfunc.load_model, `models:/` URIs) at `uri` for the
+    block, then restore the caller's tracking URI."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def experiment_id_for(client, name: str) -> str:
@@ -130,14 +154,9 @@ def register_model(uri: str, run_id: str, checkpoint: Path, name: str) -> str:
 
     # Explicit requirements: inferring them imports the model in a subprocess (seconds per run).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "distributed_ebm"]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # fluent API only; restored so the caller's process is left as it was
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=EBMModel(), artifacts={"checkpoint": str(checkpoint)},
-                                           registered_model_name=name, pip_requirements=requirements)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with fluent_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=EBMModel(), artifacts={"checkpoint": str(checkpoint)},
+                                       registered_model_name=name, pip_requirements=requirements)
     log.info("Registered %s version %s", name, info.registered_model_version)
     return f"models:/{name}/{info.registered_model_version}"
 
@@ -152,6 +171,162 @@ def finish_summary(summary: dict, config: RunConfig, checkpoint: Path | None) ->
     name = config.tracking.registered_model or config.name
     summary["model_uri"] = register_model(summary["mlflow_uri"], summary["mlflow_run_id"], checkpoint, name)
     return summary
+
+
+def describe_model(model_uri: str, tracking_uri: str, *,
+                   store_fix: str = "set MLFLOW_TRACKING_URI") -> tuple[str, list[str]]:
+    """(a description, the flavors) of the model `model_uri` in the store at `tracking_uri`; for
+    `models:/NAME@ALIAS`, the description names the version the alias points at.
+
+    Raises ConfigError, naming the fix, when the store does not answer or the URI does not resolve;
+    `store_fix` says how the caller points at another store.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    check_tracking(tracking_uri)
+    alias = ALIAS_URI.match(model_uri)
+    described = model_uri
+    try:
+        with fluent_tracking_uri(tracking_uri):  # Model.load resolves models:/ URIs through it
+            if alias:
+                client = mlflow.MlflowClient(tracking_uri)
+                version = client.get_model_version_by_alias(alias["name"], alias["alias"]).version
+                described = f"{alias['name']} version {version} (alias {alias['alias']})"
+            flavors = Model.load(model_uri).flavors
+    except MlflowException as err:
+        fix = (
+            f"Check the name in the registry at {tracking_uri} "
+            f"(mlflow.MlflowClient().search_registered_models()); {store_fix} to the store the "
+            "model was registered in"
+        )
+        if alias:
+            fix += (
+                "; or point the alias at a version: mlflow.MlflowClient()"
+                f".set_registered_model_alias('{alias['name']}', '{alias['alias']}', VERSION)"
+            )
+        raise ConfigError(f"Cannot load model {model_uri}: {err.message} {fix}.") from None
+    return described, list(flavors)
+
+
+def load_trained_model(model_uri: str, tracking_uri: str):
+    """The TrainedModel inside the pyfunc model `model_uri` (a `models:/` URI resolves in the
+    store at `tracking_uri`)."""
+    import mlflow.pyfunc
+
+    with fluent_tracking_uri(tracking_uri):
+        pyfunc = mlflow.pyfunc.load_model(model_uri)
+    return pyfunc.unwrap_python_model().model
+
+
+# --- evaluation reports (debm evaluate) ------------------------------------------------------
+
+
+def evaluation_metrics(report: dict) -> dict[str, float]:
+    """An evaluation report's finite numbers under MLflow metric names (eval/fid, eval/bank/fid,
+    eval/inpainting/square/mse, …)."""
+    prefix = "eval/bank/" if report["samples"]["source"] == "bank" else "eval/"
+    if report["task"] == "inpainting":
+        flat = {
+            f"inpainting/{kind}/{k}": v
+            for kind, scores in report["masks"].items()
+            for k, v in scores.items()
+            if k != "ssim_window"
+        }
+    else:
+        flat = dict(report["scores"])
+        flat.update({f"class_coverage/{c}": v for c, v in report.get("class_coverage", {}).items()})
+        flat.update(
+            {f"class_share/{c}": v for c, v in report.get("generated_class_share", {}).items()}
+        )
+        if report.get("label_agreement") is not None:
+            flat["label_agreement"] = report["label_agreement"]
+    return {prefix + k: float(v) for k, v in flat.items() if v is not None and math.isfinite(v)}
+
+
+def training_run(run_dir: str | None) -> tuple[str, str] | None:
+    """(tracking URI, run id) of a run directory's MLflow run, when summary.json names one and its
+    store answers; None (with the reason logged) otherwise."""
+    if run_dir is None:
+        return None
+    summary_file = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    run_id, uri = summary.get("mlflow_run_id"), summary.get("mlflow_uri")
+    if not run_id or not uri:
+        log.info("%s names no MLflow run: logging to a new run in '%s'", summary_file,
+                 EVALUATE_EXPERIMENT)
+        return None
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        log.warning(
+            "The training run's MLflow store %s is not here: logging to a new run in '%s'",
+            uri,
+            EVALUATE_EXPERIMENT,
+        )
+        return None
+    import mlflow
+
+    try:
+        check_tracking(uri)
+        mlflow.MlflowClient(uri).get_run(run_id)
+    except (ConfigError, mlflow.exceptions.MlflowException) as err:
+        log.warning(
+            "The training run %s at %s cannot be reached (%s): logging to a new run in '%s'",
+            run_id,
+            uri,
+            err,
+            EVALUATE_EXPERIMENT,
+        )
+        return None
+    return uri, run_id
+
+
+# report["model"] keys that tag a new evaluation run: what was scored
+_EVALUATED_TAGS = {"run_dir": "debm_run_dir", "model_uri": "debm_model_uri",
+                   "samples_file": "debm_samples_file"}
+
+
+def log_evaluation(report: dict, report_path: Path, *, run_dir: str | None, step: int) -> dict:
+    """Log an evaluation report's metrics (at `step`, images seen) and file to the training run
+    of `run_dir`, or to a new run in experiment `debm-evaluate`; return where they went."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    target = training_run(run_dir)
+    if target is not None:
+        uri, run_id = target
+        client = mlflow.MlflowClient(uri)
+        where = "training run"
+    else:
+        uri = resolve_tracking_uri(TrackingConfig())
+        check_tracking(uri)
+        client = mlflow.MlflowClient(uri)
+        experiment_id = experiment_id_for(client, EVALUATE_EXPERIMENT)
+        scored = report["model"]
+        tags = {tag: scored[key] for key, tag in _EVALUATED_TAGS.items() if scored.get(key)}
+        run_id = client.create_run(
+            experiment_id, run_name=f"evaluate-{report['task']}", tags=tags
+        ).info.run_id
+        where = f"new run in experiment '{EVALUATE_EXPERIMENT}'"
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, step) for k, v in evaluation_metrics(report).items()]
+    network, samples = report["feature_network"], report["samples"]
+    tag = f"eval.{'bank.' if samples['source'] == 'bank' else ''}{report['task']}"
+    tags = [
+        RunTag(
+            f"{tag}.feature_network",
+            f"{network['name']} {network.get('hash') or network['weights']}",
+        ),
+        RunTag(f"{tag}.samples", f"{samples['num']} {samples['source']}"),
+    ]
+    client.log_batch(run_id, metrics=metrics, tags=tags)
+    client.log_artifact(run_id, str(report_path), "evaluation")
+    if target is None:
+        client.set_terminated(run_id)
+    return {"uri": uri, "run_id": run_id, "logged_to": where, "metrics": len(metrics)}
+
+
+# --- searches (debm tune) --------------------------------------------------------------------
 
 
 class SearchRun:
@@ -169,7 +344,7 @@ class SearchRun:
         log_params(self.client, self.run_id, params)
 
     def trial_run_id(self, run_dir: Path) -> str | None:
-        """The id of the run a trial's train_loop opened for `run_dir` (None if it never did)."""
+        """The id of the run a trial's `train` opened for `run_dir` (None if it never did)."""
         return run_for_dir(self.client, self.experiment_id, run_dir)
 
     def finish_trial(self, run_id: str, mlflow_status: str, metrics: dict, tags: dict) -> None:
@@ -192,8 +367,6 @@ class SearchRun:
         self.client.set_terminated(self.run_id, "FAILED")
 
     def _log(self, run_id: str, metrics: dict, tags: dict) -> None:
-        import math
-
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)

@@ -1,26 +1,39 @@
-"""Ray Train wiring: the same `train_loop` in N `TorchTrainer` workers (gloo on CPU, NCCL on GPU).
+"""Ray Train wiring, once: the same `train` in N `TorchTrainer` workers (gloo on CPU, NCCL on GPU).
 
 Each worker owns its shard of the chain and latent banks (chains never move); only gradients are
 all-reduced. Checkpoints go through `ray.train.report`: every worker writes its rank file into the
 same checkpoint, which Ray merges into one directory in the run's storage. A restarted worker
 group (FailureConfig) or a re-launch with the same run name and storage resumes from the latest
 one, re-splitting the banks if the number of workers changed.
+
+`fit_workers` builds the TorchTrainer for `train_distributed` and for the Tune trials that run
+Ray Train inside (tuning/trial.py). The run config crosses Ray as a plain dict; `ray_worker`
+turns it back into a RunConfig and calls `train_loop.train` with a `RayCheckpointStore`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .checkpoint import checkpoint_name, read_checkpoint
 from .config import ConfigError, RunConfig
+from .train_loop import train
 
 log = logging.getLogger(__name__)
 
 
 class RayCheckpointStore:
-    """Checkpoints reported to Ray Train (merged across workers in the run's storage)."""
+    """Checkpoints reported to Ray Train (merged across workers in the run's storage).
+
+    Metrics reach Ray only with checkpoints: a ray.train.report costs ~1.7 s here (it synchronises
+    with the controller), 10× a digits iteration. Rank 0 writes every iteration's metrics to the run
+    directory (and MLflow) itself.
+    """
 
     def __init__(self):
         self._restored: tempfile.TemporaryDirectory | None = None
@@ -35,11 +48,9 @@ class RayCheckpointStore:
         self._restored = tempfile.TemporaryDirectory(prefix="debm-restore-")
         return Path(checkpoint.to_directory(self._restored.name))
 
-    def save(self, iteration: int, write, metrics: dict, is_main: bool) -> None:
+    def save(self, iteration: int, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
         """Write this rank's files into a temporary folder and report it with the metrics."""
         import ray.train
-
-        from .checkpoint import checkpoint_name
 
         with tempfile.TemporaryDirectory(prefix="debm-ckpt-") as directory:
             write(Path(directory))
@@ -49,10 +60,10 @@ class RayCheckpointStore:
                 checkpoint_dir_name=checkpoint_name(iteration),
             )
 
-    def report(self, metrics: dict) -> None:
-        """Metrics reach Ray only with checkpoints: a ray.train.report costs ~1.7 s here (it
-        synchronises with the controller), 10× a digits iteration. Rank 0 writes every
-        iteration's metrics to the run directory (and MLflow) itself."""
+    def final_checkpoint(self) -> Path | None:
+        """None: the driver copies Ray's final checkpoint into the run directory and registers it
+        (`copy_final_checkpoint`, `train_distributed`)."""
+        return None
 
 
 def _plain_metrics(metrics: dict) -> dict:
@@ -60,10 +71,93 @@ def _plain_metrics(metrics: dict) -> dict:
 
 
 def ray_worker(loop_config: dict) -> None:
-    """The function each Ray Train worker runs: the library's train_loop with Ray checkpoints."""
-    from .train_loop import train_loop
+    """What each Ray Train worker runs: `train` with Ray's checkpoints, resuming from Ray's latest.
 
-    train_loop({**loop_config, "store": "ray"})
+    `loop_config` is what crosses Ray: config (the RunConfig as a nested dict), run_dir, progress,
+    and on_iteration (picklable callables, e.g. a Tune reporter or a test's injected failure).
+    """
+    train(
+        RunConfig.from_dict(loop_config["config"]),
+        Path(loop_config["run_dir"]),
+        store=RayCheckpointStore(),
+        on_iteration=loop_config.get("on_iteration"),
+        resume=True,  # a restarted worker group always continues from Ray's latest checkpoint
+        progress=loop_config.get("progress", True),
+    )
+
+
+def worker_config(config: RunConfig, run_dir: Path, *, progress: bool = True,
+                  on_iteration: Sequence[Callable] = ()) -> dict:
+    """The train_loop_config of `ray_worker`: the run config as a plain dict, with what goes along."""
+    return {"config": config.to_dict(), "run_dir": str(run_dir), "progress": progress,
+            "on_iteration": list(on_iteration)}
+
+
+def fit_workers(
+    worker_fn: Callable[[dict], None],
+    loop_config: dict,
+    *,
+    workers: int,
+    gpus_per_worker: float,
+    name: str,
+    storage: str,
+    keep_checkpoints: int,
+    cpus_per_worker: int = 1,
+    max_failures: int = 0,
+    callbacks: Sequence = (),
+):
+    """Run `worker_fn(loop_config)` in `workers` Ray Train workers; return Ray's Result.
+
+    Args:
+        gpus_per_worker: GPUs per worker; > 0 selects NCCL and CUDA devices.
+        name, storage: the Ray Train run's name and storage path (checkpoints land in
+            storage/name; a re-launch with both resumes).
+        keep_checkpoints: checkpoints Ray keeps.
+        max_failures: worker-group restarts from the latest checkpoint before giving up.
+        callbacks: Ray Train callbacks (e.g. a TuneReportCallback in a Tune trial).
+
+    Ray Train V2 raises when the worker group fails; V1 returns the error in the Result.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    gpus = {"GPU": gpus_per_worker} if gpus_per_worker > 0 else {}
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0,
+            resources_per_worker={"CPU": cpus_per_worker, **gpus},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=list(callbacks),
+        ),
+    )
+    return trainer.fit()
+
+
+def copy_final_checkpoint(result, run_dir: Path) -> Path | None:
+    """Copy Ray's final checkpoint into run_dir/checkpoints (where `debm sample` and the model
+    registry look); its path there, or None if the run reported none."""
+    if result is None or result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as directory:
+        shared, _ = read_checkpoint(directory)  # a complete bundle
+        target = Path(run_dir) / "checkpoints" / Path(result.checkpoint.path).name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(directory, target)
+    log.info("Final checkpoint (iteration %d) copied to %s", shared["iteration"], target)
+    return target
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The summary rank 0 wrote into run_dir (empty if the run ended before writing one)."""
+    summary_file = Path(run_dir) / "summary.json"
+    return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
 
 
 def train_distributed(
@@ -75,7 +169,7 @@ def train_distributed(
     address: str | None = None,
     storage: str | None = None,
     max_failures: int = 0,
-    callbacks: list[str] | None = None,
+    on_iteration: Sequence[Callable] = (),
     progress: bool = True,
 ) -> dict:
     """Train in `workers` Ray Train workers and return the run's summary.
@@ -88,12 +182,10 @@ def train_distributed(
         storage: Ray storage path for checkpoints: an absolute local path or a URI (s3://…, gs://…);
             default run_dir/ray.
         max_failures: worker-group restarts from the latest checkpoint before giving up.
+        on_iteration: picklable callables each worker calls after every iteration as
+            fn(iteration=, rank=, metrics=) (e.g. to inject a failure); they cross Ray by pickling.
     """
-    import json
-
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     if workers < 1:
         raise ConfigError("train_distributed needs at least one worker; use --workers 0 for one process without Ray.")
@@ -101,65 +193,47 @@ def train_distributed(
     storage = storage or str(run_dir / "ray")
     if "://" not in storage and not Path(storage).is_absolute():
         raise ConfigError(f"--storage '{storage}' must be an absolute path or a URI (s3://…, gs://…): workers change directory.")
-    if config.data.source == "webdataset":
-        from .data.stream import absolute_urls, inspect_shards
-
-        config = config.replace({"data.urls": absolute_urls(config.data.urls)})  # workers change directory
-        # unreachable, empty or too few shards: fail before any worker starts
-        inspect_shards(config.data, workers, config.train.data_batch_size)
-    if config.tracking.enabled:
-        from .tracking import check_tracking, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(config.tracking)
-        check_tracking(uri)  # before any worker starts
-        config = config.replace({"tracking.uri": uri})  # workers change directory: the absolute URI
+    config = _check_before_workers(config, workers)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  **({} if address else {"num_cpus": max(workers, 1)}))
     cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers) if not address else 1
-    trainer = TorchTrainer(
-        ray_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "run_dir": str(run_dir),
-            "progress": progress,
-            "callbacks": list(callbacks or []),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
-            use_gpu=gpus_per_worker > 0,
-            resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker} if gpus_per_worker > 0 else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-        ),
-    )
     try:
-        result = trainer.fit()
+        result = fit_workers(
+            ray_worker, worker_config(config, run_dir, progress=progress, on_iteration=on_iteration),
+            workers=workers, gpus_per_worker=gpus_per_worker, name=config.name, storage=storage,
+            keep_checkpoints=config.train.keep_checkpoints, cpus_per_worker=cpus, max_failures=max_failures,
+        )
     finally:
         if started_ray:
             ray.shutdown()  # also flushes the workers' logs before the summary is printed
     if result.error is not None:
         raise result.error
-    if result.checkpoint is not None:
-        from .checkpoint import read_checkpoint
-
-        with result.checkpoint.as_directory() as directory:
-            shared, _ = read_checkpoint(directory)
-            target = run_dir / "checkpoints" / Path(result.checkpoint.path).name
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(directory, target)
-            log.info("Final checkpoint (iteration %d) copied to %s", shared["iteration"], target)
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    target = copy_final_checkpoint(result, run_dir)
+    summary = read_summary(run_dir)
     summary["ray_storage"] = f"{storage.rstrip('/')}/{config.name}"
-    if config.tracking.enabled and result.checkpoint is not None:
+    if config.tracking.enabled and target is not None:
         from .tracking import finish_summary
 
         summary = finish_summary(summary, config, target)
-    summary_file.write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_before_workers(config: RunConfig, workers: int) -> RunConfig:
+    """Fail before any worker starts on unreachable shards or tracking server; make the shard
+    URLs and the tracking URI absolute (workers change directory)."""
+    if config.data.source == "webdataset":
+        from .data.preflight import inspect_shards
+        from .data.urls import absolute_urls
+
+        config = config.replace({"data.urls": absolute_urls(config.data.urls)})
+        inspect_shards(config.data, workers, config.train.data_batch_size)  # unreachable, empty, too few
+    if config.tracking.enabled:
+        from .tracking import check_tracking, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(config.tracking)
+        check_tracking(uri)
+        config = config.replace({"tracking.uri": uri})
+    return config

@@ -31,7 +31,7 @@ from distributed_ebm.config import load_config, parse_overrides
 from distributed_ebm.data import load_dataset
 from distributed_ebm.inference import load_run
 from distributed_ebm.metrics.classifier import frechet_distance, train_classifier
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.train_loop import train
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 MODELS = [  # (label, preset, overrides)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(CONFIGS / preset, {**common, **overrides, "train.iterations": args.iterations,
                                                 "tracking.enabled": False})
         run_dir = root / label.replace("\\", "-").replace(" ", "_").replace("(", "").replace(")", "")
-        summary = train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "progress": False})
+        summary = train(config, run_dir, progress=False)
         model = load_run(run_dir)
         if model.num_classes:
             per_class = args.samples // 10

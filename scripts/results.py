@@ -39,7 +39,7 @@ from distributed_ebm.evaluation import (
 )
 from distributed_ebm.inference import load_run
 from distributed_ebm.metrics.generative import generative_scores
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.train_loop import train
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -113,7 +113,7 @@ def _run_dir(
     }
     config = load_config(CONFIGS / preset, overrides)
     run_dir = root / dataset / label.replace(" ", "_").replace("(", "").replace(")", "")
-    summary = train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "progress": False})
+    summary = train(config, run_dir, progress=False)
     return run_dir, summary["wall_time_s"]
 
 

@@ -24,7 +24,7 @@ from tables import emit_table
 
 from distributed_ebm.config import load_config, parse_overrides
 from distributed_ebm.metrics.collapse import excess_saturation
-from distributed_ebm.train_loop import TrainingDiverged, train_loop
+from distributed_ebm.train_loop import TrainingDiverged, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "-".join(f"{k.split('.')[-1]}={v}" for k, v in combo)
         run_dir = root / name
         try:
-            summary = train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "progress": False})
+            summary = train(config, run_dir, progress=False)
         except TrainingDiverged:
             summary = json.loads((run_dir / "summary.json").read_text())
         final = summary["final"]

@@ -6,7 +6,7 @@ from sklearn.linear_model import LogisticRegression
 from distributed_ebm.config import DataConfig, load_config
 from distributed_ebm.data import load_dataset
 from distributed_ebm.inference import load_run
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.train_loop import train
 from tests.test_train import CONFIGS
 
 # Measured: 150 iterations (24 s here) give 0.55 agreement on fresh samples (0.85 on the bank);
@@ -18,7 +18,7 @@ def test_conditional_samples_are_classified_as_their_label(tmp_path):
     digits = load_dataset(DataConfig(source="digits"))
     classifier = LogisticRegression(max_iter=3000).fit(digits.x.flatten(1).numpy(), digits.y.numpy())
     config = load_config(CONFIGS / "digits_wgcn_cond.yaml", {"train.iterations": 150, "tracking.enabled": False})
-    train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / "run"), "progress": False})
+    train(config, tmp_path / "run", progress=False)
     model = load_run(tmp_path / "run")
     agreement = np.mean([
         (classifier.predict(model.sample(20, label=k, seed=k).flatten(1).numpy()) == k).mean() for k in range(10)

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from distributed_ebm.cli import main
-from distributed_ebm.config import ConfigError, RunConfig, load_config, parse_overrides
+from distributed_ebm.config import (
+    ConfigError,
+    RunConfig,
+    did_you_mean,
+    load_config,
+    parse_overrides,
+)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -21,6 +27,12 @@ def test_unknown_key_names_the_key_and_suggests_the_closest():
         RunConfig.from_dict({"langevin": {"step_szie": 0.1}})
     with pytest.raises(ConfigError, match=r"Unknown config key 'optimm'.*Did you mean 'optim'"):
         RunConfig.from_dict({"optimm": {}})
+
+
+def test_did_you_mean_names_the_closest_choice_or_lists_them():
+    assert did_you_mean("stpe", ["step", "seed"]) == " Did you mean 'step'?"
+    assert did_you_mean("xyz", ["b", "a"]) == " Valid keys: a, b."
+    assert did_you_mean("xyz", ["b", "a"], list_choices=False) == ""
 
 
 def test_overrides_are_typed_and_dotted():

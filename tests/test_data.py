@@ -63,7 +63,7 @@ def test_bad_path_message():
         load_dataset(DataConfig(source="npz", path="/no/such/file.npz"))
     with pytest.raises(ConfigError, match="needs data.path"):
         load_dataset(DataConfig(source="folder"))
-    with pytest.raises(ConfigError, match="Unknown data.source 'digitz'"):
+    with pytest.raises(ConfigError, match="Unknown data.source 'digitz'. Did you mean 'digits'?"):
         load_dataset(DataConfig(source="digitz"))
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_ebm.algorithms import ALGORITHMS, energy_loss, energy_step, run_langevin
+from distributed_ebm.algorithms import ALGORITHMS, energy_loss, energy_step, jko_gamma
 from distributed_ebm.config import load_config
 from distributed_ebm.distributed import all_reduce_gradients
 from tests.test_train import CONFIGS
@@ -48,10 +48,11 @@ def _single_process_update(algorithm):
     config = _config(algorithm).replace({"chains.bank_size": 2 * M, "chains.batch_size": 2 * M})
     state = ALGORITHMS[algorithm].build(config, (1, 8, 8), device=torch.device("cpu"), generator=torch.Generator(),
                                         data_mean=torch.zeros(1, 1, 8, 8))
-    x_syn = torch.cat([run_langevin(state, state.energy, chains[r * M : (r + 1) * M], None,
-                                    torch.Generator().manual_seed(100 + r)) for r in range(2)])
-    loss, _ = energy_loss(state.energy, data, None, chains, x_syn, None, jko=ALGORITHMS[algorithm].jko,
-                          config=config, iteration=7)
+    x_syn = torch.cat([state.sampler(state.energy, chains[r * M : (r + 1) * M],
+                                     generator=torch.Generator().manual_seed(100 + r)) for r in range(2)])
+    gamma = jko_gamma(config.train.seed, 7, x_syn.device) if ALGORITHMS[algorithm].jko else None
+    loss = energy_loss(state.energy, data, None, chains, x_syn, None, gamma=gamma,
+                       jko_weight=config.model.jko_weight, penalty_params=config.model.penalty_params).loss
     energy_step(state, state.energy, loss)
     return state.energy.state_dict()
 
@@ -82,13 +83,13 @@ def test_two_workers_equal_one_worker_on_the_global_batch_gcn(tmp_path):
 def _loop_worker(rank, world, init_file, run_dir, iterations, resume, preset):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from distributed_ebm.train_loop import train_loop
+    from distributed_ebm.train_loop import train
 
     config = load_config(CONFIGS / preset, {
         "train.iterations": iterations, "train.checkpoint_every": 2, "train.data_batch_size": 8,
         "chains.bank_size": 6, "chains.batch_size": 6, "langevin.langevin_steps": 2, "model.channels": [4, 8],
         "generator.base_width": 2, "generator.latent_bank_size": 6, "tracking.enabled": False})
-    train_loop({"config": config.to_dict(), "run_dir": run_dir, "progress": False, "resume": resume})
+    train(config, run_dir, progress=False, resume=resume)
     dist.destroy_process_group()
 
 

@@ -1,5 +1,5 @@
 """`debm evaluate`: the scores move as they should on real digits, and the command reports and
-logs what it scored (feature network, sample count, fresh or bank)."""
+logs what it scored (feature network, sample count, fresh, bank or a file of samples)."""
 
 import argparse
 import importlib
@@ -8,13 +8,15 @@ import math
 import shutil
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from distributed_ebm.cli import evaluate
 from distributed_ebm.config import ConfigError, DataConfig, load_config
 from distributed_ebm.data import load_dataset
-from distributed_ebm.evaluation import add_parser, inpainting_report
+from distributed_ebm.evaluation import inpainting_report
 from distributed_ebm.metrics.classifier import cached_classifier, classifier_key
 from distributed_ebm.metrics.generative import (
     FIDELITY_WEIGHTS,
@@ -26,7 +28,7 @@ from distributed_ebm.metrics.generative import (
     load_inception,
     manifold_scores,
 )
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.train_loop import train
 from tests.test_train import CONFIGS
 
 EPOCHS = 5  # the feature classifier's epochs: ~0.97 training accuracy on digits in ~2 s
@@ -69,18 +71,16 @@ def tiny_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         config = load_config(CONFIGS / "digits_wgcn.yaml", TINY)
-        summary = train_loop(
-            {"config": config.to_dict(), "run_dir": str(root / "run"), "progress": False}
-        )
+        summary = train(config, root / "run", progress=False)
         assert summary["model_uri"] == "models:/eval-tiny/1"
         yield root / "run", summary
 
 
-def _evaluate(*argv) -> dict:
+def _evaluate(*argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    evaluate.add_parser(parser.add_subparsers())
     args = parser.parse_args(["evaluate", *map(str, argv)])
-    assert args.func(args) == 0
+    assert evaluate.run(args) == 0
     return args
 
 
@@ -376,3 +376,126 @@ def test_unreachable_training_store_falls_back_to_a_new_run(tiny_run, cache_dir,
         mlflow.MlflowClient(report["mlflow"]["uri"]).get_run(report["mlflow"]["run_id"]).data.tags
     )
     assert tags["debm_run_dir"] == str(moved.resolve())
+
+
+# ----------------------------------------------------------------------------- --samples FILE.npz
+
+
+def _score_file(path, cache_dir, *extra) -> dict:
+    out = path.with_suffix(".json")
+    _evaluate("--samples", path, "--data", "digits", "--classifier-epochs", EPOCHS,
+              "--cache-dir", cache_dir, "--kid-subsets", 5, "--out", out, *extra)  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_samples_file_of_real_digits_scores_like_real_data(digits, network, cache_dir, tmp_path):
+    """Held-out digits saved as another system's samples score as real data does, in the same
+    feature space, as floats (N, C, H, W) and as uint8 (N, H, W, C); noise scores far worse."""
+    held_out, labels = digits.x[1::2], digits.y[1::2]
+    floats = tmp_path / "real.npz"
+    np.savez(floats, samples=held_out.numpy(), labels=labels.numpy())
+    report = _score_file(floats, cache_dir, "--no-mlflow")
+    assert report["task"] == "generation" and report["samples"]["source"] == "file"
+    assert report["samples"]["num"] == len(held_out) and report["samples"]["layout"] == "NCHW"
+    assert report["model"]["samples_file"] == str(floats.resolve()) and report["model"]["sha256"]
+    assert report["feature_network"]["hash"] == network.info["hash"]  # the same feature space
+    assert report["reference"]["num"] == len(held_out)  # as many reference images as samples
+
+    real_vs_real = _scores(held_out, digits.x[0::2], network)["scores"]
+    scores = report["scores"]
+    assert scores["fid"] < 1.5 * real_vs_real["fid"] + 0.5, (scores["fid"], real_vs_real["fid"])
+    for key in ("precision", "recall", "coverage"):
+        assert scores[key] > real_vs_real[key] - 0.05, key
+    assert report["label_agreement"] > 0.9  # the classifier agrees with the file's labels
+
+    pixels = ((held_out + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, 1)
+    as_uint8 = tmp_path / "real_uint8.npz"
+    np.savez(as_uint8, samples=pixels.numpy())
+    quantised = _score_file(as_uint8, cache_dir, "--no-mlflow")
+    assert quantised["samples"]["layout"] == "NHWC" and "label_agreement" not in quantised
+    assert quantised["scores"]["fid"] == pytest.approx(scores["fid"], rel=0.2, abs=0.2)
+
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, samples=torch.rand(200, 1, 8, 8).mul(2).sub(1).numpy())
+    assert _score_file(noise, cache_dir, "--no-mlflow")["scores"]["fid"] > 10 * scores["fid"] + 1
+
+
+def test_samples_file_is_logged_to_a_new_mlflow_run(digits, cache_dir, tmp_path):
+    path = tmp_path / "first.npz"
+    np.savez(path, samples=digits.x[:64].numpy(), labels=digits.y[:64].numpy())
+    report = _score_file(path, cache_dir, "--num", 40)
+    assert report["samples"]["num"] == 40 and report["samples"]["of"] == 64
+    client = mlflow.MlflowClient(report["mlflow"]["uri"])
+    logged = client.get_run(report["mlflow"]["run_id"])
+    assert client.get_experiment(logged.info.experiment_id).name == "debm-evaluate"
+    assert logged.data.tags["debm_samples_file"] == str(path.resolve())
+    assert logged.data.tags["eval.generation.samples"] == "40 file"
+    assert logged.data.metrics["eval/fid"] == pytest.approx(report["scores"]["fid"])
+    assert logged.data.metrics["eval/label_agreement"] == pytest.approx(report["label_agreement"])
+
+
+# (arrays saved in the .npz, fragments of the ConfigError: the cause and the fix)
+BAD_FILES = {
+    "missing key": (
+        {"x": np.zeros((20, 1, 8, 8), np.float32)},
+        ["holds the arrays ['x'] but no 'samples'", "numpy.savez(PATH, samples=images)"],
+    ),
+    "wrong channels": (
+        {"samples": np.zeros((20, 8, 8, 3), np.uint8)},
+        ["samples are RGB (3 channels)", "images of the reference data 'digits' have 1 channel(s)",
+         "data.grayscale=false"],
+    ),
+    "wrong side": (
+        {"samples": np.zeros((20, 1, 16, 16), np.float32)},
+        ["samples are 16×16 pixels", "'digits' are 8×8", "Resize the samples to 8×8",
+         "data.image_size=16"],
+    ),
+    "wrong layout": (
+        {"samples": np.zeros((20, 64), np.float32)},
+        ["has shape (20, 64)", "expected (N, C, H, W), (N, H, W, C) or (N, H, W)"],
+    ),
+    "wrong range": (
+        {"samples": np.full((20, 1, 8, 8), 200.0, np.float32)},
+        ["span [200, 200]", "floats in [-1, 1] or uint8 in [0, 255]", "x / 127.5 - 1"],
+    ),
+    "NaN": (
+        {"samples": np.where(np.arange(20)[:, None, None, None] == 3, np.nan,
+                             np.zeros((20, 1, 8, 8), np.float32))},
+        ["1 of 20 samples hold NaN or infinite values", "Drop or redraw"],
+    ),
+    "integer dtype": (
+        {"samples": np.zeros((20, 1, 8, 8), np.int64)},
+        ["dtype int64", "astype(numpy.uint8)"],
+    ),
+    "labels out of range": (
+        {"samples": np.zeros((20, 1, 8, 8), np.float32), "labels": np.full(20, 12)},
+        ["'labels' spans 12 … 12", "classes 0 … 9"],
+    ),
+    "too few": (
+        {"samples": np.zeros((3, 1, 8, 8), np.float32)},
+        ["holds 3 sample(s)", "at least 6"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_samples_file_that_does_not_fit_names_the_cause_and_the_fix(case, tmp_path):
+    arrays, fragments = BAD_FILES[case]
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError) as raised:
+        _evaluate("--samples", path, "--data", "digits", "--no-mlflow", "--out", tmp_path / "r.json")
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_samples_file_needs_reference_data_and_no_model_options(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, samples=np.zeros((20, 1, 8, 8), np.float32))
+    with pytest.raises(ConfigError, match="--samples needs the data set to compare with: --data"):
+        _evaluate("--samples", path, "--no-mlflow")
+    with pytest.raises(ConfigError, match="--samples scores the file's images as they are"):
+        _evaluate("--samples", path, "--data", "digits", "--inpainting", "--no-mlflow")
+    with pytest.raises(ConfigError, match="does not exist"):
+        _evaluate("--samples", tmp_path / "none.npz", "--data", "digits", "--no-mlflow")

@@ -108,8 +108,7 @@ def test_multigrid_chains_start_from_the_upsampled_previous_grid():
 
 
 def algo_sample(state, energy, x0, gen):
-    from distributed_ebm.algorithms import run_langevin
-    return run_langevin(state, energy, x0, None, gen)
+    return state.sampler(energy, x0, generator=gen)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from distributed_ebm.algorithms import ALGORITHMS, run_langevin
+from distributed_ebm.algorithms import ALGORITHMS
 from distributed_ebm.config import ConfigError, LangevinConfig, ModelConfig, RunConfig, load_config
 from distributed_ebm.energy import build_energy
 from distributed_ebm.inpainting import inpaint_langevin
@@ -207,7 +207,7 @@ def test_config_carries_the_options_and_rejects_unknown_autocast():
 
 
 def test_training_sampler_and_inpainting_pass_the_options_through(x0, mask):
-    """run_langevin (training, `debm sample`) and inpaint_langevin hand the config's options to
+    """The run's sampler (training, `debm sample`) and inpaint_langevin hand the config's options to
     the sampler: their results equal a direct call with those options, not the default one."""
     config = load_config(
         None,
@@ -240,7 +240,7 @@ def test_training_sampler_and_inpainting_pass_the_options_through(x0, mask):
             state.energy, x0, generator=torch.Generator().manual_seed(9), **knobs, **options
         )
 
-    through = run_langevin(state, state.energy, x0, None, torch.Generator().manual_seed(9))
+    through = state.sampler(state.energy, x0, generator=torch.Generator().manual_seed(9))
     assert torch.equal(through, direct(autocast="bf16", channels_last=True))
     assert not torch.equal(through, direct())
 

@@ -5,13 +5,13 @@ import numpy as np
 from distributed_ebm.config import load_config
 from distributed_ebm.data import ring_centres
 from distributed_ebm.inference import load_run
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.train_loop import train
 from tests.test_train import CONFIGS
 
 
 def test_wgcn_covers_the_ring_of_eight(tmp_path):
     config = load_config(CONFIGS / "ring8_wgcn.yaml", {"tracking.enabled": False})
-    summary = train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / "run"), "progress": False})
+    summary = train(config, tmp_path / "run", progress=False)
     assert summary["status"] == "completed"
     samples = load_run(tmp_path / "run").sample(1000, seed=1).numpy()  # fresh chains from noise
     centres = ring_centres()

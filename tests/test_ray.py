@@ -4,6 +4,7 @@ every chain intact, re-launch by run name, and re-splitting the bank for a new w
 One local Ray instance (2 CPUs) is shared by every test in this module.
 """
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,16 @@ from tests.test_train import CONFIGS
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-CRASH = '''
-from pathlib import Path
 
-def crash_once(iteration, rank, metrics):
-    marker = Path({marker!r})
-    if rank == 1 and iteration == {at} and not marker.exists():
-        marker.write_text("crashed at iteration {at}")
+def crash_once(marker: str, at: int, *, iteration: int, rank: int, metrics: dict) -> None:
+    """An injected failure: rank 1 raises once, at iteration `at` (the marker file remembers it).
+
+    Workers receive it pickled by reference (tests.test_ray.crash_once): Ray puts the driver's
+    working directory, the checkout, on their path.
+    """
+    if rank == 1 and iteration == at and not Path(marker).exists():
+        Path(marker).write_text(f"crashed at iteration {at}")
         raise RuntimeError("injected worker crash")
-'''
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +51,9 @@ def _ids(checkpoint: Path) -> list[int]:
 
 def test_crash_resumes_with_every_chain_and_relaunch_resplits(tmp_path, ray_instance):
     run_dir, storage = tmp_path / "run", str(tmp_path / "storage")
-    callback = tmp_path / "crash.py"
-    callback.write_text(CRASH.format(marker=str(tmp_path / "crashed"), at=5))
+    crash = functools.partial(crash_once, str(tmp_path / "crashed"), 5)
     summary = train_distributed(_config(), run_dir=run_dir, workers=2, storage=storage, max_failures=1,
-                                callbacks=[f"{callback}:crash_once"], progress=False)
+                                on_iteration=[crash], progress=False)
     assert (tmp_path / "crashed").exists()  # the crash happened, and the group recovered
     assert summary["iterations"] == 8 and summary["world_size"] == 2
     final = run_dir / "checkpoints" / "iter-00000008"
@@ -129,12 +130,11 @@ def test_two_workers_stream_shards_and_resume_their_positions_after_a_crash(tmp_
     from distributed_ebm.data.shards import ShardOptions, write_shards
 
     write_shards("digits", str(tmp_path / "shards"), ShardOptions(samples_per_shard=450, progress=False))
-    callback = tmp_path / "crash.py"
-    callback.write_text(CRASH.format(marker=str(tmp_path / "crashed"), at=5))
+    crash = functools.partial(crash_once, str(tmp_path / "crashed"), 5)
     config = _config(**{"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000003}}.tar",
                         "data.loader_workers": 1, "data.shuffle_buffer": 50})
     summary = train_distributed(config, run_dir=tmp_path / "run", workers=2, storage=str(tmp_path / "storage"),
-                                max_failures=1, callbacks=[f"{callback}:crash_once"], progress=False)
+                                max_failures=1, on_iteration=[crash], progress=False)
     assert (tmp_path / "crashed").exists() and summary["iterations"] == 8
     _, ranks = read_checkpoint(tmp_path / "run" / "checkpoints" / "iter-00000008")
     # Each rank read 8 batches of 16 from its own two shards: its worker's position counts them.

@@ -19,3 +19,10 @@ def test_sweep_writes_a_table_with_a_row_per_combination(tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].startswith("| model.algorithm | langevin.step_size | status")
     assert len(lines) == 4 and lines[2].startswith("| gcn | 0.2 | completed") and lines[3].startswith("| wgcn")
+
+
+def test_the_package_has_no_import_cycle_and_no_module_over_600_lines():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_imports.py")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no import cycles" in done.stdout

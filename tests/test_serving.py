@@ -22,12 +22,12 @@ import requests
 import torch
 from PIL import Image
 
+from distributed_ebm.cli.serve import check_model, check_port, start_server, stop_server
 from distributed_ebm.config import ConfigError, DataConfig, load_config
 from distributed_ebm.data import load_dataset
 from distributed_ebm.inference import load_run
-from distributed_ebm.serve import check_model, check_port, start_server, stop_server
 from distributed_ebm.serving import EBMModel, InvalidRequest, png_base64
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.train_loop import train
 from tests.test_train import CONFIGS
 
 NAME = "serving-test-ggcn"
@@ -113,9 +113,7 @@ def ggcn_run(tmp_path_factory, mlflow_store):
     # Artifacts (the logged model) in the temporary folder, not in ./mlruns of the checkout.
     client.create_experiment(NAME, artifact_location=(root / "artifacts").as_uri())
     config = load_config(CONFIGS / "digits_ggcn.yaml", {**TINY_GGCN, "tracking.experiment": NAME})
-    summary = train_loop(
-        {"config": config.to_dict(), "run_dir": str(root / "ggcn"), "progress": False}
-    )
+    summary = train(config, root / "ggcn", progress=False)
     version = summary["model_uri"].rsplit("/", 1)[1]
     client.set_registered_model_alias(NAME, "champion", version)
     return root / "ggcn"
@@ -131,7 +129,7 @@ def served(ggcn_run):
 def _untracked(tmp_path_factory, preset: str, overrides: dict) -> EBMModel:
     run_dir = tmp_path_factory.mktemp("serving") / preset
     config = load_config(CONFIGS / preset, {**TINY, **overrides})
-    train_loop({"config": config.to_dict(), "run_dir": str(run_dir), "progress": False})
+    train(config, run_dir, progress=False)
     model = EBMModel()
     model.model = load_run(run_dir)
     return model
@@ -281,11 +279,11 @@ def test_stop_server_ends_the_whole_process_group():
 
 SERVE = """
 import argparse, sys
-from distributed_ebm.serve import add_parser
+from distributed_ebm.cli.serve import add_parser, run
 parser = argparse.ArgumentParser(prog="debm")
 add_parser(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(["serve", *sys.argv[1:]])
-sys.exit(args.func(args))
+sys.exit(run(args))
 """
 
 

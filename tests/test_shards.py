@@ -21,9 +21,11 @@ from PIL import Image
 
 from distributed_ebm.config import ConfigError, DataConfig, RunConfig
 from distributed_ebm.data import load_dataset
+from distributed_ebm.data.preflight import inspect_shards
 from distributed_ebm.data.shards import ShardOptions, write_shards
-from distributed_ebm.data.stream import ShardStream, StreamingData, expand_urls, inspect_shards
-from distributed_ebm.train_loop import train_loop
+from distributed_ebm.data.stream import ShardStream, StreamingData
+from distributed_ebm.data.urls import expand_urls
+from distributed_ebm.train_loop import train
 
 SIZE = 8
 
@@ -142,7 +144,7 @@ def test_streaming_data_counts_corrupt_samples_in_training_metrics(tmp_path, tin
         "data.loader_workers": 1, "data.shuffle_buffer": 1, "data.shuffle_shards": False,
         "train.data_batch_size": 4, "train.iterations": 3, "chains.bank_size": 4, "chains.batch_size": 4,
     })
-    summary = train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / "run"), "progress": False})
+    summary = train(config, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["status"] == "completed" and len(rows) == 3
     # In order: batches 0 1 2 4 | 5 6 7 8 | 10 11 12 13 — the corrupt 3 and 9 are skipped on the way.
@@ -277,7 +279,7 @@ def stream_run(tmp_path: Path, tiny_overrides: dict, name: str, iterations: int,
         "data.loader_workers": 2, "data.shuffle_buffer": 6, "train.data_batch_size": 4,
         "train.iterations": iterations, "train.checkpoint_every": 3, "chains.bank_size": 4, "chains.batch_size": 4,
     })
-    train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / name), "progress": False, "resume": resume})
+    train(config, tmp_path / name, progress=False, resume=resume)
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -379,5 +381,5 @@ def test_shards_round_trip_through_s3(tmp_path, s3_server, tiny_overrides):
         **tiny_overrides, "data.source": "webdataset", "data.urls": urls, "data.loader_workers": 1,
         "data.num_classes": 10, "train.iterations": 3,
     })
-    summary = train_loop({"config": config.to_dict(), "run_dir": str(tmp_path / "run"), "progress": False})
+    summary = train(config, tmp_path / "run", progress=False)
     assert summary["status"] == "completed" and summary["iterations"] == 3

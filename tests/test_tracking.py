@@ -11,7 +11,7 @@ from PIL import Image
 
 from distributed_ebm.cli import main
 from distributed_ebm.config import ConfigError, load_config
-from distributed_ebm.tracking import check_tracking
+from distributed_ebm.tracking import check_tracking, fluent_tracking_uri
 from distributed_ebm.trainer import train_distributed
 from tests.test_train import CONFIGS, _sets
 
@@ -49,3 +49,12 @@ def test_unreachable_tracking_server_fails_before_workers_start(tmp_path):
     config = load_config(CONFIGS / "digits_wgcn.yaml", {"tracking.uri": "http://127.0.0.1:9"})
     with pytest.raises(ConfigError, match="does not answer"):
         train_distributed(config, run_dir=tmp_path / "run", workers=2)
+
+
+def test_fluent_tracking_uri_is_restored_after_the_block_even_on_error(tmp_path):
+    before = mlflow.get_tracking_uri()
+    inside = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(KeyError), fluent_tracking_uri(inside):
+        assert mlflow.get_tracking_uri() == inside
+        raise KeyError("fails inside")
+    assert mlflow.get_tracking_uri() == before

@@ -17,16 +17,16 @@ import pytest
 import torch
 import yaml
 
+from distributed_ebm.cli import build_parser
+from distributed_ebm.cli.tune import run
 from distributed_ebm.config import ConfigError
-from distributed_ebm.train_loop import train_loop
-from distributed_ebm.tune import (
+from distributed_ebm.train_loop import train
+from distributed_ebm.tuning import (
     SMOOTHED_R,
     WORST,
-    _restore_tune_checkpoint,
-    add_parser,
     final_result,
     load_space,
-    run,
+    restore_tune_checkpoint,
     run_search,
 )
 from tests.test_train import CONFIGS
@@ -55,9 +55,7 @@ def _write_space(folder: Path, space: dict) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="debm")
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser
+    return build_parser()
 
 
 def _client():
@@ -238,15 +236,14 @@ def test_pbt_restore_continues_the_donor_with_the_trials_optimiser_settings(tmp_
     donor = load_config(CONFIGS / "digits_wgcn.yaml", {
         **TINY, "train.iterations": 2, "train.checkpoint_every": 2, "optim.lr": 1e-3,
         "tracking.enabled": False})
-    train_loop({"config": donor.to_dict(), "run_dir": str(tmp_path / "donor"), "progress": False})
+    train(donor, tmp_path / "donor", progress=False)
     trial = donor.replace({"optim.lr": 5e-3, "optim.betas": [0.9, 0.99], "train.iterations": 4})
     donated = tmp_path / "donor" / "checkpoints" / "iter-00000002"
     run_dir = tmp_path / "trial"
     checkpoint = ray.tune.Checkpoint.from_directory(str(donated))
-    assert _restore_tune_checkpoint(checkpoint, run_dir, trial)
+    assert restore_tune_checkpoint(checkpoint, run_dir, trial)
 
-    summary = train_loop({"config": trial.to_dict(), "run_dir": str(run_dir), "resume": True,
-                          "progress": False})
+    summary = train(trial, run_dir, resume=True, progress=False)
     assert summary["iterations"] == 4
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [3, 4]  # continued from the donor's iteration 2
@@ -279,8 +276,6 @@ def test_ray_train_trials_report_through_tune(ray_instance, tmp_path):
 
 
 def test_a_collapsed_trial_that_kept_running_still_reports_the_worst_value():
-    from distributed_ebm.tune import SMOOTHED_R, WORST, final_result
-
     summary = {"status": "completed", "collapsed": True, "collapse": {"reason": "saturated", "iteration": 4},
                "final": {"response_distance": 0.01}, "final_response_distance": 0.01, "iterations": 10,
                "images_seen": 160}

@@ -1,10 +1,17 @@
-"""Data: bundled sources (no downloads), generic local sources and WebDataset shards."""
+"""Data: bundled sources (no downloads), generic local sources and WebDataset shards.
+
+Modules: `sources` (the SOURCES registry and in-memory ImageData), `transforms` (pixel ranges,
+layouts, resizing), `urls` (shard URL patterns), `tar` (reading and decoding tar shards),
+`preflight` (checks before training, the manifest), `stream` (the training stream of shards),
+`shards` (writing shards).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .sources import SOURCES, ImageData, grid_centres, load_dataset, ring_centres
+from .stream import StreamingData
 
 
 def training_data(config, rank: int, world_size: int, device: torch.device):
@@ -14,8 +21,6 @@ def training_data(config, rank: int, world_size: int, device: torch.device):
     `StreamingData` that reads the rank's shards. Both answer `batch(n, generator)`.
     """
     if config.data.source == "webdataset":
-        from .stream import StreamingData
-
         stream = StreamingData(config.data, batch_size=config.train.data_batch_size, rank=rank,
                                world_size=world_size, seed=config.train.seed, device=device)
         return stream, stream.mean

@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import torch
 
-from ..config import ConfigError
-from .sources import IMAGE_SUFFIXES, centre_crop_resize
+from ..config import ConfigError, DataConfig
+from .sources import SOURCES, load_dataset
+from .transforms import IMAGE_SUFFIXES, centre_crop_resize
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +234,6 @@ def _lmdb_source(path: Path, options: ShardOptions):
 
 
 def _dataset_source(source: str):
-    from ..config import DataConfig
-    from . import SOURCES, load_dataset
-
     path = Path(source).expanduser()
     if path.suffix == ".npz":
         config = DataConfig(source="npz", path=str(path))
@@ -248,7 +247,7 @@ def _dataset_source(source: str):
     data = load_dataset(config)
     if data.x.dim() != 4:
         raise ConfigError(f"'{source}' holds vectors of shape {data.sample_shape}, not images: nothing to shard.")
-    pixels = ((data.x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=__import__("torch").uint8)
+    pixels = ((data.x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).numpy()
     classes = [str(k) for k in range(data.num_classes)] if data.y is not None else []
 

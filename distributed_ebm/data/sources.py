@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, did_you_mean
+from .preflight import inspect_shards
+from .stream import ShardStream
+from .transforms import IMAGE_SUFFIXES, centre_crop_resize, resize, to_nchw
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TEXTURES = ("brick", "grass", "gravel")
 
@@ -76,60 +77,6 @@ class ImageData:
         return ImageData(self.x[rank::world_size], y, self.name, self.num_classes, self.skipped)
 
 
-def to_unit_range(images: np.ndarray, source: str) -> np.ndarray:
-    """uint8 [0, 255], float [0, 1] or float [-1, 1] arrays to float32 in [-1, 1]."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 127.5 - 1.0
-    images = images.astype(np.float32)
-    low, high = float(images.min()), float(images.max())
-    if low >= 0.0 and high <= 1.0:
-        return images * 2.0 - 1.0
-    if low >= -1.0 and high <= 1.0:
-        return images
-    raise ConfigError(
-        f"{source}: pixel values span [{low:.3g}, {high:.3g}]; expected uint8 [0, 255] or floats in "
-        "[0, 1] or [-1, 1]. Rescale the array before training."
-    )
-
-
-def to_nchw(images: np.ndarray, source: str) -> torch.Tensor:
-    """(N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3} to a float tensor (N, C, H, W)."""
-    if images.ndim == 3:
-        images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = images.transpose(0, 3, 1, 2)
-    elif not (images.ndim == 4 and images.shape[1] in (1, 3)):
-        raise ConfigError(
-            f"{source}: images have shape {images.shape}; expected (N, H, W), (N, H, W, C) or "
-            "(N, C, H, W) with C = 1 (grey) or 3 (RGB)."
-        )
-    return torch.from_numpy(np.ascontiguousarray(to_unit_range(images, source)))
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size` (antialiased bilinear) and centre-crop to size × size."""
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[..., top : top + size, left : left + size].clamp(-1, 1)
-
-
-def centre_crop_resize(image, size: int):
-    """Resize the shorter side to `size` (antialiased) and centre-crop to size × size (PIL)."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def _finish(x: torch.Tensor, y: torch.Tensor | None, name: str, config: DataConfig, skipped: int = 0) -> ImageData:
     """Apply the shared options: image size, grey/RGB, few-sample cut, labels."""
     if x.dim() == 4:
@@ -160,7 +107,8 @@ def _texture(config: DataConfig) -> ImageData:
     import skimage.data
 
     if config.texture not in TEXTURES:
-        raise ConfigError(f"Unknown data.texture '{config.texture}'. Choose one of {list(TEXTURES)}.")
+        hint = did_you_mean(config.texture, TEXTURES, list_choices=False)
+        raise ConfigError(f"Unknown data.texture '{config.texture}'.{hint} Choose one of {list(TEXTURES)}.")
     image = to_nchw(getattr(skimage.data, config.texture)()[None], f"texture '{config.texture}'")
     size = config.image_size or 64
     h, w = image.shape[-2:]
@@ -239,7 +187,7 @@ def _folder(config: DataConfig) -> ImageData:
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
-                if config.image_size is not None:  # as the shard reader does (data/stream.py)
+                if config.image_size is not None:  # as the shard reader does (data/tar.py)
                     image = centre_crop_resize(image, config.image_size)
                 array = np.asarray(image)
         except (UnidentifiedImageError, OSError) as err:
@@ -265,8 +213,6 @@ def _folder(config: DataConfig) -> ImageData:
 def _webdataset(config: DataConfig) -> ImageData:
     """The first `num_images` (default 10 000) samples of the shards, in stored order, in memory
     (for sampling references, inpainting and evaluation; training streams them instead)."""
-    from .stream import ShardStream, inspect_shards
-
     info = inspect_shards(config, world_size=1)
     limit = config.num_images or 10_000
     stream = ShardStream(info.shards, batch_size=256, image_size=info.image_size, channels=info.channels,
@@ -298,8 +244,6 @@ def _existing(path: str | None, source: str, what: str) -> Path:
 
 
 def _without_resize(config: DataConfig) -> DataConfig:
-    from dataclasses import replace
-
     return replace(config, image_size=None)
 
 
@@ -319,7 +263,8 @@ SOURCES: dict[str, Callable[[DataConfig], ImageData]] = {
 def load_dataset(config: DataConfig) -> ImageData:
     """Build the data set named by config.source."""
     if config.source not in SOURCES:
-        raise ConfigError(f"Unknown data.source '{config.source}'. Choose one of {sorted(SOURCES)}.")
+        hint = did_you_mean(config.source, SOURCES, list_choices=False)
+        raise ConfigError(f"Unknown data.source '{config.source}'.{hint} Choose one of {sorted(SOURCES)}.")
     data = SOURCES[config.source](config)
     if len(data) == 0:
         raise ConfigError(f"data.source '{config.source}' gave no samples (check data.num_images).")

@@ -1,9 +1,9 @@
 """`debm serve`: serve a registered model over MLflow's REST API.
 
 Runs `mlflow models serve --env-manager local` (the scoring server in this environment, which has
-distributed_ebm installed) after checking that the model URI resolves, waits until the server
-answers /ping, then prints its URL and an example request. The request format is the pyfunc's
-(distributed_ebm/serving.py).
+distributed_ebm installed) after checking that the model URI resolves (tracking.describe_model),
+waits until the server answers /ping, then prints its URL and an example request. The model and
+its request format are the pyfunc's (distributed_ebm/serving.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrackingConfig
+from ..config import ConfigError, TrackingConfig
+from ..tracking import describe_model, resolve_tracking_uri
 
 EXAMPLE_REQUEST = {"dataframe_records": [{"task": "sample", "n": 4, "seed": 0}]}
-ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,44 +53,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=300.0,
         help="seconds to wait for the server to load the model and answer /ping",
     )
-    serve.set_defaults(func=run)
     return serve
 
 
 def check_model(model_uri: str, tracking_uri: str) -> str:
     """Fail with the fix when `model_uri` does not resolve to a pyfunc model; return a description
     (for `models:/NAME@ALIAS`, the version the alias points at)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    from .tracking import check_tracking
-
-    check_tracking(tracking_uri)
-    alias = ALIAS_URI.match(model_uri)
-    described = model_uri
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)  # Model.load resolves models:/ URIs through it
-    try:
-        if alias:
-            client = mlflow.MlflowClient(tracking_uri)
-            version = client.get_model_version_by_alias(alias["name"], alias["alias"]).version
-            described = f"{alias['name']} version {version} (alias {alias['alias']})"
-        flavors = Model.load(model_uri).flavors
-    except MlflowException as err:
-        fix = (
-            f"Check the name in the registry at {tracking_uri} "
-            "(mlflow.MlflowClient().search_registered_models()); pass --tracking-uri or set "
-            "MLFLOW_TRACKING_URI to the store the model was registered in"
-        )
-        if alias:
-            fix += (
-                "; or point the alias at a version: mlflow.MlflowClient()"
-                f".set_registered_model_alias('{alias['name']}', '{alias['alias']}', VERSION)"
-            )
-        raise ConfigError(f"Cannot load model {model_uri}: {err.message} {fix}.") from None
-    finally:
-        mlflow.set_tracking_uri(previous)
+    described, flavors = describe_model(
+        model_uri, tracking_uri, store_fix="pass --tracking-uri or set MLFLOW_TRACKING_URI"
+    )
     if "python_function" not in flavors:
         raise ConfigError(
             f"{model_uri} is not a pyfunc model (flavors: {', '.join(flavors)}): serve a model "
@@ -179,8 +149,6 @@ def example_curl(url: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Check the model and the port, serve until interrupted; the server's exit code."""
-    from .tracking import resolve_tracking_uri
-
     tracking_uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
     described = check_model(args.model, tracking_uri)
     check_port(args.host, args.port)

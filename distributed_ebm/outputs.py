@@ -1,0 +1,119 @@
+"""Rank 0's outputs of a training run behind one object; every other rank gets one that does nothing.
+
+Rank 0 owns the run directory (config.yaml, metrics.jsonl, sample grids, curves.png,
+summary.json), the MLflow run (tracking.Tracker), the progress bar and the final registration of
+the model (tracking.finish_summary). Checkpoints are not outputs: every rank writes its part
+through the checkpoint store.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import RunConfig
+from .distributed import ProcessContext
+from .rundir import RunDirectory
+from .tracking import Tracker, finish_summary
+
+log = logging.getLogger(__name__)
+
+
+class RunOutputs:
+    """What rank 0 writes while a run trains: files in the run directory, MLflow, progress."""
+
+    @staticmethod
+    def for_rank(ctx: ProcessContext, config: RunConfig, run: RunDirectory, *, progress: bool = True) -> RunOutputs:
+        """Rank 0's outputs (creating the run directory and writing config.yaml), or, on every other
+        rank, an object with the same methods that does nothing."""
+        return RunOutputs(config, run, progress=progress) if ctx.is_main else NoOutputs(config, run)
+
+    def __init__(self, config: RunConfig, run: RunDirectory, *, progress: bool = True):
+        self.config, self.run, self.progress = config, run, progress
+        self.tracker: Tracker | None = None
+        self.bar: tqdm | None = None
+        run.create()
+        run.write_config(config.to_dict())
+
+    def resumed(self, checkpoint: Path, iteration: int) -> None:
+        """Drop the metrics logged after the checkpoint the run resumes from (they are replayed)."""
+        self.run.truncate_metrics(iteration)
+        log.warning("Resumed from %s at iteration %d", checkpoint, iteration)
+
+    def start(self, info: dict, iteration: int) -> None:
+        """Open the MLflow run (or continue a resumed run's) and the progress bar at `iteration`."""
+        log.info("Training %s", info)
+        if self.config.tracking.enabled:
+            self.tracker = Tracker(self.config, self.run.path, info)
+        self.bar = tqdm(total=self.config.train.iterations, initial=iteration, disable=not self.progress,
+                        desc=f"{info['algorithm']} on {info['data']}", dynamic_ncols=True)
+
+    def record(self, metrics: dict, samples: torch.Tensor, reference: torch.Tensor) -> None:
+        """One iteration's metrics (every train.log_every, and always the row that shows a
+        divergence), sample grid (every train.sample_every) and progress."""
+        iteration, train = metrics["iteration"], self.config.train
+        if metrics["collapse_reason"] == "nonfinite":
+            self.run.append_metrics(metrics)
+            return
+        if iteration % train.log_every == 0:
+            self.run.append_metrics(metrics)
+            if self.tracker is not None:
+                self.tracker.log_metrics(metrics, step=metrics["images_seen"])
+        if iteration % train.sample_every == 0:
+            self.run.save_samples(samples, f"iter-{iteration:06d}", reference=reference)
+        self.bar.update(1)
+        self.bar.set_postfix(R=f"{metrics['response_distance']:.3g}", phi_gap=f"{metrics['energy_gap_z']:.2g}")
+
+    def recent_mean(self, key: str, last: int = 10) -> float | None:
+        """The mean of `key` over the last `last` logged rows (None if none has it)."""
+        values = [r[key] for r in self.run.read_metrics()[-last:] if key in r]
+        return sum(values) / len(values) if values else None
+
+    def finish(self, summary: dict, samples: torch.Tensor | None, reference: torch.Tensor | None,
+               checkpoint: Path | None) -> dict:
+        """Close the run's outputs and return the summary with its MLflow ids and, when the run
+        registers its model, the model URI.
+
+        Writes the final sample grid (`samples`, None if no iteration ran here), the curves and
+        summary.json; registers `checkpoint` (None: the caller registers, as the Ray driver does)
+        and closes the MLflow run.
+        """
+        self.bar.close()
+        if self.tracker is not None:
+            summary.update(mlflow_run_id=self.tracker.run_id, mlflow_uri=self.tracker.uri,
+                           mlflow_experiment_id=self.tracker.experiment_id)
+        if samples is not None:
+            self.run.save_samples(samples, "final", reference=reference)
+        self.run.plot_curves()
+        if self.tracker is not None:
+            summary = finish_summary(summary, self.config, checkpoint)
+        self.run.write_summary(summary)
+        if self.tracker is not None:
+            self.tracker.finish(self.run.path, summary["status"])
+        return summary
+
+
+class NoOutputs(RunOutputs):
+    """The outputs of a rank other than 0: nothing."""
+
+    def __init__(self, config: RunConfig, run: RunDirectory):
+        self.config, self.run, self.progress, self.tracker, self.bar = config, run, False, None, None
+
+    def resumed(self, checkpoint: Path, iteration: int) -> None:
+        pass
+
+    def start(self, info: dict, iteration: int) -> None:
+        pass
+
+    def record(self, metrics: dict, samples: torch.Tensor, reference: torch.Tensor) -> None:
+        pass
+
+    def recent_mean(self, key: str, last: int = 10) -> float | None:
+        return None
+
+    def finish(self, summary: dict, samples: torch.Tensor | None, reference: torch.Tensor | None,
+               checkpoint: Path | None) -> dict:
+        return summary

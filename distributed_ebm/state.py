@@ -1,0 +1,94 @@
+"""The training state of one process, which saves itself into a checkpoint and loads itself back.
+
+Everything a run needs to continue bit for bit lives here: the algorithm's `TrainState`
+(networks, optimisers, this rank's chain and latent bank shards), the counters (iterations,
+images seen), this rank's random streams, the collapse detector and the data's read positions.
+A checkpoint is `checkpoint.py`'s bundle: a shared file (rank 0) and one file per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .algorithms import Algorithm, TrainState, get_algorithm
+from .config import RunConfig
+from .distributed import ProcessContext, all_reduce_gradients, make_generator, stream_seed
+from .metrics import CollapseDetector
+
+
+@dataclass
+class RunState:
+    """One process's training state: the algorithm's state, counters, random streams, collapse
+    detector and data read positions."""
+
+    config: RunConfig
+    algorithm: Algorithm  # the registered algorithm (algorithms.ALGORITHMS) that trains `train`
+    train: TrainState  # networks, optimisers and this rank's bank shards
+    generators: dict[str, torch.Generator]  # "data" (CPU) and "chains" (training device)
+    collapse: CollapseDetector
+    data: object  # this rank's data (ImageData share or StreamingData): its read positions
+    iteration: int = 0  # learning iterations done
+    images_seen: int = 0  # data images consumed by the whole group
+
+    @classmethod
+    def build(cls, config: RunConfig, ctx: ProcessContext, data, data_mean: torch.Tensor) -> RunState:
+        """A fresh state: networks seeded by model.seed (the same on every rank), this rank's chain
+        shard (ids rank·bank_size …) and its random streams from (seed, rank)."""
+        generators = {  # data batches are drawn on the CPU, chain noise on the training device
+            "data": make_generator(config.train.seed, ctx.rank, "data", torch.device("cpu")),
+            "chains": make_generator(config.train.seed, ctx.rank, "chains", ctx.device),
+        }
+        algorithm = get_algorithm(config.model.algorithm)
+        train = algorithm.build(config, data.sample_shape, device=ctx.device, generator=generators["chains"],
+                                data_mean=data_mean, num_classes=data.num_classes, rank=ctx.rank)
+        train.sync_gradients = all_reduce_gradients
+        return cls(config, algorithm, train, generators, CollapseDetector(config.collapse), data)
+
+    def save(self, directory: Path, ctx: ProcessContext) -> None:
+        """Write this rank's part of the checkpoint into `directory` (rank 0 adds the shared part)."""
+        ckpt.write_rank(
+            directory,
+            ctx.rank,
+            {
+                "banks": self.train.bank_state(),
+                "generators": {k: g.get_state() for k, g in self.generators.items()},
+                "data": self.data.state_dict(),  # a stream's read positions (None for in-memory data)
+                "rank": ctx.rank,
+            },
+        )
+        if ctx.is_main:
+            ckpt.write_shared(
+                directory,
+                {
+                    **self.train.model_state(),
+                    "config": self.config.to_dict(),
+                    "iteration": self.iteration,
+                    "images_seen": self.images_seen,
+                    "collapse": self.collapse.state_dict(),
+                    "world_size": ctx.world_size,
+                },
+            )
+
+    def load(self, directory: Path, ctx: ProcessContext) -> None:
+        """Continue from a checkpoint: models, optimisers, this rank's bank shard (re-split when the
+        number of ranks changed), counters, collapse detector, data positions and random streams."""
+        shared, rank_states = ckpt.read_checkpoint(directory)
+        self.train.load_model_state(shared)
+        self.train.load_bank_state(ckpt.bank_shard(rank_states, ctx.rank, ctx.world_size))
+        self.collapse.load_state_dict(shared["collapse"])
+        self.iteration, self.images_seen = shared["iteration"], shared["images_seen"]
+        self.data.load_state_dict([r.get("data") for r in rank_states], ctx.rank)
+        if len(rank_states) == ctx.world_size:
+            for key, gen in self.generators.items():
+                gen.set_state(rank_states[ctx.rank]["generators"][key])
+        else:
+            # A new world size means new streams: derive them from (seed, rank, resume iteration).
+            for key, gen in self.generators.items():
+                gen.manual_seed(stream_seed(self.config.train.seed + self.iteration, ctx.rank, key))
+        models = self.train.models.values()
+        if not all(bool(torch.isfinite(p).all()) for model in models for p in model.parameters()):
+            raise ValueError(f"Checkpoint '{directory}' holds non-finite weights; resume from an earlier one.")
