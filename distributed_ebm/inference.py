@@ -144,11 +144,12 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path
     if "latents" in banks:
         overrides["generator.latent_bank_size"] = len(banks["latents"]["ids"])
     config = RunConfig.from_dict(shared["config"]).replace(overrides)
+    device = resolve_device(device)
     state = get_algorithm(config.model.algorithm).build(
         config,
         tuple(meta["sample_shape"]),
-        device=resolve_device(device),
-        generator=torch.Generator(),
+        device=device,
+        generator=torch.Generator(device=device),  # the banks' initial states are drawn on `device`
         data_mean=meta["data_mean"],
         num_classes=meta.get("num_classes", 0),
     )

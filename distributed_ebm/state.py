@@ -8,6 +8,7 @@ A checkpoint is `checkpoint.py`'s bundle: a shared file (rank 0) and one file pe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from .algorithms import Algorithm, TrainState, get_algorithm
 from .config import RunConfig
 from .distributed import ProcessContext, all_reduce_gradients, make_generator, stream_seed
 from .metrics import CollapseDetector
+
+log = logging.getLogger(__name__)
+
+
+def same_layout(saved: torch.Tensor | None, generator: torch.Generator) -> bool:
+    """Whether a saved generator state fits `generator`: CPU and CUDA generators keep states of
+    different sizes (5056 and 16 bytes), so a state saved on one device cannot seed the other."""
+    return saved is not None and saved.numel() == generator.get_state().numel()
 
 
 @dataclass
@@ -82,12 +91,16 @@ class RunState:
         self.collapse.load_state_dict(shared["collapse"])
         self.iteration, self.images_seen = shared["iteration"], shared["images_seen"]
         self.data.load_state_dict([r.get("data") for r in rank_states], ctx.rank)
-        if len(rank_states) == ctx.world_size:
-            for key, gen in self.generators.items():
-                gen.set_state(rank_states[ctx.rank]["generators"][key])
-        else:
-            # A new world size means new streams: derive them from (seed, rank, resume iteration).
-            for key, gen in self.generators.items():
+        saved = rank_states[ctx.rank]["generators"] if len(rank_states) == ctx.world_size else {}
+        for key, gen in self.generators.items():
+            if same_layout(saved.get(key), gen):
+                gen.set_state(saved[key])
+            else:
+                # A new world size, or a stream that moved between devices (a CPU checkpoint resumed
+                # on a GPU, or back): new streams, derived from (seed, rank, resume iteration).
+                log.warning("Random stream '%s' cannot continue from %s (%s); reseeded from (seed, rank, "
+                            "iteration %d)", key, directory, "another number of workers" if not saved
+                            else f"its state was saved on another device than {gen.device}", self.iteration)
                 gen.manual_seed(stream_seed(self.config.train.seed + self.iteration, ctx.rank, key))
         models = self.train.models.values()
         if not all(bool(torch.isfinite(p).all()) for model in models for p in model.parameters()):

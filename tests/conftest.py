@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The CPU suite runs unchanged on a GPU host: CUDA stays hidden (from this process and from the
+# Ray workers it starts, which inherit the variable) unless DEBM_TEST_GPU=1 asks for the `gpu`
+# tests (scripts/gpu_check.sh). Set before torch initialises CUDA, which it does lazily.
+if os.environ.get("DEBM_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -93,3 +93,23 @@ def test_sample_draws_fresh_chains_or_the_bank(tmp_path, tiny_overrides, capsys)
     assert str(np.load(out)["source"]) == "bank"
     assert main(["sample", "--run-dir", str(tmp_path / "nothing"), "--num", "4", "--out", str(out)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_after_a_device_change_reseeds_only_the_moved_stream(tmp_path, tiny_overrides, caplog):
+    """A checkpoint whose chain-noise stream was saved on another device (a CUDA generator state
+    is 16 bytes, a CPU one 5056) resumes: that stream is reseeded from (seed, rank, iteration) with
+    a warning; the data stream, on the CPU in both, continues exactly."""
+    import torch
+
+    run = tmp_path / "run"
+    base = ["train", "--config", str(CONFIGS / "digits_wgcn.yaml"), "--run-dir", str(run), *_sets(tiny_overrides)]
+    assert main([*base, "--set", "train.iterations=3"]) == 0
+    rank_file = run / "checkpoints" / "iter-00000003" / "rank-00000.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["generators"]["chains"] = torch.zeros(16, dtype=torch.uint8)  # as saved by a CUDA generator
+    torch.save(state, rank_file)
+    caplog.set_level("WARNING", logger="distributed_ebm.state")
+    assert main([*base, "--resume"]) == 0
+    assert "Random stream 'chains' cannot continue" in caplog.text and "another device" in caplog.text
+    assert "'data'" not in caplog.text
+    assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
