@@ -1,0 +1,50 @@
+"""benchmarks/quality.py end to end on a tiny budget: presets and the peer, one table and curve."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _digits_npz(path: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images * 255 / 16).astype(np.uint8)
+    np.savez(path, x_train=x[:1200], y_train=digits.target[:1200], x_test=x[1200:], y_test=digits.target[1200:])
+    return path
+
+
+def test_quality_benchmark_trains_scores_and_compares(tmp_path):
+    from benchmarks.quality import main
+
+    data = _digits_npz(tmp_path / "digits.npz")
+    tiny = ["chains.bank_size=16", "chains.batch_size=16", "train.data_batch_size=16", "langevin.langevin_steps=3",
+            "langevin.sample_steps=5", "model.channels=[8,16]"]
+    peer = ["buffer_size=256", "batch_size=32", "langevin_steps=3", "sample_steps=5"]
+    out = tmp_path / "out"
+    assert main(["--budget-s", "3", "--data", str(data), "--presets", "configs/digits_wgcn.yaml",
+                 "--num", "60", "--curve-num", "30", "--curve-points", "2", "--checkpoint-every", "2",
+                 "--classifier-epochs", "1", "--classifier-images", "600", "--kid-subsets", "3",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet",
+                 *[a for kv in tiny for a in ("--set", kv)], *[a for kv in peer for a in ("--peer-set", kv)]]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in results["results"]]
+    assert names == ["digits_wgcn", "peer (replay-buffer EBM)"]
+    for r in results["results"]:
+        assert r["final"]["num"] == 60 and np.isfinite(r["final"]["fid"])
+        assert 1 <= len(r["curve"]) <= 2
+        assert all(c["wall_s"] <= 3.5 for c in r["curve"][:-1])
+    assert results["results"][1]["iterations"] > 0
+    floor = results["real_vs_real"]["fid"]
+    assert floor < min(r["final"]["fid"] for r in results["results"])  # tiny runs stay far from real data
+    table = (out / "table.md").read_text()
+    assert "real vs real (floor)" in table and "× the peer's" in table and "feature network: SmallClassifier" in table
+    assert (out / "curve.png").is_file() and (out / "samples-digits_wgcn.png").is_file()
+    assert (out / "samples-peer.png").is_file()
