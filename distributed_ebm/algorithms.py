@@ -20,12 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chains import ChainBank
-from .config import ConfigError, LangevinConfig, OptimConfig, RunConfig
+from .config import ChainConfig, ConfigError, LangevinConfig, OptimConfig, RunConfig
 from .distributed import shared_generator
+from .ema import ema_copy, update_ema
 from .energy import Energy, build_energy
 from .generator import Generator, build_generator
 from .langevin import LangevinSettings
-from .losses import ams_loss, energy_u, jko_loss, mle_loss, reconstruction_loss, score_grad_penalty
+from .losses import (
+    ams_loss,
+    energy_l2_loss,
+    energy_u,
+    jko_loss,
+    mle_loss,
+    reconstruction_loss,
+    score_grad_penalty,
+)
 from .metrics.collapse import energy_gap_z, saturation
 
 GradientSync = Callable[[list[torch.Tensor]], None]
@@ -46,10 +55,18 @@ class TrainState:
     meta: dict = field(default_factory=dict)  # sample_shape, data_mean, num_classes: what inference needs
     data_range: tuple[float, float] = (-1.0, 1.0)
     sync_gradients: GradientSync = field(default=no_sync)
+    ema: dict[str, nn.Module] = field(default_factory=dict)  # train.ema_decay: EMA of `models`, by name
     sampler: LangevinSettings = field(init=False)  # the run's Langevin knobs, from config.langevin
 
     def __post_init__(self) -> None:
         self.sampler = langevin_settings(self.config.langevin, self.data_range)
+        if self.config.train.ema_decay is not None and not self.ema:
+            self.ema = {k: ema_copy(m) for k, m in self.models.items()}
+
+    @property
+    def fresh_sampler(self) -> LangevinSettings:
+        """The knobs of fresh chains (`sample`, inpainting): δ anneals to langevin.sample_anneal_to."""
+        return self.sampler.for_fresh_chains()
 
     @property
     def energy(self) -> Energy:
@@ -61,18 +78,31 @@ class TrainState:
         return self.models.get("generator")
 
     def model_state(self) -> dict:
-        """Networks and optimisers (identical on every rank)."""
-        return {
+        """Networks, optimisers and, with train.ema_decay, the EMA weights (identical on every rank)."""
+        state = {
             "models": {k: m.state_dict() for k, m in self.models.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "meta": self.meta,
         }
+        if self.ema:
+            state["ema"] = {k: m.state_dict() for k, m in self.ema.items()}
+        return state
 
     def load_model_state(self, state: dict) -> None:
+        """Load `model_state()`'s output. A checkpoint without EMA weights (written before EMA
+        was turned on) starts the EMA from its live weights."""
         for key, model in self.models.items():
             model.load_state_dict(state["models"][key])
         for key, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][key])
+        saved = state.get("ema") or {}
+        for key, average in self.ema.items():
+            average.load_state_dict(saved[key] if key in saved else self.models[key].state_dict())
+
+    def models_of(self, optimizer: str) -> list[str]:
+        """The names of the models whose parameters the optimiser `optimizer` steps."""
+        held = {id(p) for group in self.optimizers[optimizer].param_groups for p in group["params"]}
+        return [k for k, m in self.models.items() if any(id(p) in held for p in m.parameters())]
 
     def bank_state(self) -> dict:
         """This process's shard of every bank."""
@@ -107,12 +137,15 @@ def grad_norm(params: list[torch.Tensor]) -> float:
 
 def langevin_settings(config: LangevinConfig, data_range: tuple[float, float]) -> LangevinSettings:
     """The sampler knobs of `config` (L steps per call by default; clamped to `data_range` when
-    langevin.clamp is on): the one place the config's Langevin section is read."""
+    langevin.clamp is on; constant δ, annealed for fresh chains only: `for_fresh_chains`): the one
+    place the config's Langevin section is read."""
     return LangevinSettings(
         steps=config.langevin_steps,
         step_size=config.step_size,
         ref_sigma=config.ref_sigma,
         clamp=data_range if config.clamp else None,
+        grad_clip=config.grad_clip,
+        sample_anneal_to=config.sample_anneal_to,
         compile=config.compile,
         autocast=config.autocast,
         channels_last=config.channels_last,
@@ -131,7 +164,7 @@ class EnergyLoss:
     loss: torch.Tensor
     phi_data: torch.Tensor
     phi_syn: torch.Tensor
-    terms: dict[str, float]  # loss_mle (+ penalty_prev, penalty_syn, gamma with JKO)
+    terms: dict[str, float]  # loss_mle (+ penalty_prev, penalty_syn, gamma with JKO; loss_l2 with α > 0)
 
 
 def energy_loss(
@@ -145,18 +178,25 @@ def energy_loss(
     gamma: torch.Tensor | float | None = None,
     jko_weight: float = 0.0,
     penalty_params: str = "theta",
+    energy_l2: float = 0.0,
 ) -> EnergyLoss:
-    """L_mle, or with `gamma` given L_w = L_mle + (β/2)((1 − γ) P(x_prev) + γ P(x_syn)).
+    """L_mle, or with `gamma` given L_w = L_mle + (β/2)((1 − γ) P(x_prev) + γ P(x_syn)); plus
+    α (mean Φ(y)² + mean Φ(x_syn)²) with `energy_l2` = α > 0.
 
     Args:
         gamma: γ ∈ [0, 1] (drawn by the caller: `jko_gamma`); None: no JKO penalty.
         jko_weight: β, the weight of the JKO time piece.
         penalty_params: which parameters the penalty's gradient reaches, "theta" or "all".
+        energy_l2: α, the weight of the energy-magnitude penalty (Du & Mordatch 2019); 0: off.
     """
     phi_data = energy(data, data_labels) if data_labels is not None else energy(data)
     phi_syn = energy(x_syn, syn_labels) if syn_labels is not None else energy(x_syn)
     loss = mle_loss(phi_data, phi_syn)
     terms: dict[str, float] = {"loss_mle": float(loss.detach())}
+    if energy_l2:
+        l2 = energy_l2_loss(phi_data, phi_syn, weight=energy_l2)
+        loss = loss + l2
+        terms["loss_l2"] = float(l2.detach())
     if gamma is not None:
         score = energy.score_reaching(penalty_params, syn_labels)
         penalty_prev, penalty_syn = score_grad_penalty(score, x_prev), score_grad_penalty(score, x_syn)
@@ -192,14 +232,16 @@ def energy_objective(state: TrainState, energy: Energy, data: torch.Tensor, data
     cfg = state.config
     gamma = jko_gamma(cfg.train.seed, iteration, x_syn.device) if jko else None
     result = energy_loss(energy, data, data_labels, x_prev, x_syn, syn_labels, gamma=gamma,
-                         jko_weight=cfg.model.jko_weight, penalty_params=cfg.model.penalty_params)
+                         jko_weight=cfg.model.jko_weight, penalty_params=cfg.model.penalty_params,
+                         energy_l2=cfg.model.energy_l2)
     metrics = {**result.terms, **energy_diagnostics(result, data, x_syn, ref_sigma=cfg.langevin.ref_sigma)}
     return result.loss, metrics
 
 
 def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dict[str, list[nn.Parameter]],
                    clip: float | None) -> dict[str, float]:
-    """Backward, all-reduce the gradients, clip, step the optimiser `name`.
+    """Backward, all-reduce the gradients, clip, step the optimiser `name`, then step the EMA of
+    the models it updates (train.ema_decay).
 
     Returns the all-reduced gradient norm of each parameter group, before clipping."""
     params = [p for group in groups.values() for p in group]
@@ -211,6 +253,8 @@ def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dic
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
+    for key in state.models_of(name) if state.ema else ():
+        update_ema(state.ema[key], state.models[key], decay=state.config.train.ema_decay)
     return norms
 
 
@@ -303,7 +347,7 @@ class EBMAlgorithm:
         """Fresh chains: started like the bank's chains, run `steps` (default langevin.sample_steps)."""
         x0 = state.banks["chains"].initial_states(num, generator)
         steps = state.config.langevin.sample_steps if steps is None else steps
-        return state.sampler(state.energy.score_fn(labels), x0, generator=generator, steps=steps)
+        return state.fresh_sampler(state.energy.score_fn(labels), x0, generator=generator, steps=steps)
 
 
 def resample(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -414,7 +458,7 @@ class MultiGridAlgorithm:
         chains = multigrid_chains(
             list(state.models["grids"]), self.first_grid(state, num), state.config.model.grid_sizes,
             upsample=state.config.model.upsample,
-            sample=lambda energy, x0: state.sampler(energy.score_fn(labels), x0, generator=generator, steps=steps),
+            sample=lambda energy, x0: state.fresh_sampler(energy.score_fn(labels), x0, generator=generator, steps=steps),
         )
         return chains[-1][1]
 
@@ -425,7 +469,8 @@ class GGCNAlgorithm:
 
     Each iteration: x = g(ζ) → x̂ = L Langevin steps → θ, w step with L_w(x_prev=x, x_syn=x̂).
     Every `generator.generator_every` iterations: ξ (Adam) and, with LHS, ζ (SGD, lr ε) step on
-    the reconstruction loss ‖g(ζ) − x̂‖² or, with AMS, on −log p(g(ζ)).
+    the reconstruction loss ‖g(ζ) − x̂‖² or, with AMS, on −log p(g(ζ)). With LHS each sampled ζ
+    restarts from N(0, I) with probability chains.reinit_prob (`latent_restarts`).
     """
 
     name: str
@@ -439,12 +484,13 @@ class GGCNAlgorithm:
               generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
               rank: int = 0) -> TrainState:
         classes = _num_classes(config, num_classes)
+        reinit_prob = self.latent_restarts(config)
         energy = build_energy(config.model, sample_shape, config.model.energy or "conv", classes).to(device)
         gen_net = build_generator(config.generator, sample_shape, classes, seed=config.model.seed + 1).to(device)
         gcfg = config.generator
         latents = ChainBank.create(gcfg.latent_bank_size, (gcfg.latent_dim,), generator=generator,
                                    first_id=rank * gcfg.latent_bank_size, device=device, init="gaussian",
-                                   num_classes=classes)
+                                   reinit_prob=reinit_prob, num_classes=classes)
         params = [p for p in energy.parameters() if p.requires_grad]
         return TrainState(
             config=config,
@@ -457,6 +503,22 @@ class GGCNAlgorithm:
             meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes},
         )
 
+    def latent_restarts(self, config: RunConfig) -> float:
+        """chains.reinit_prob for GGCN: the chance that a sampled latent ζ restarts from N(0, I) (LHS).
+        Chains start from g(ζ), so chains.init does not apply; fresh-ζ variants restart every chain."""
+        if config.chains.init != ChainConfig.init:
+            raise ConfigError(
+                f"chains.init='{config.chains.init}' does not apply to '{self.name}': its chains start "
+                "from g(ζ) every iteration. Remove chains.init (restart latents with chains.reinit_prob)."
+            )
+        if config.chains.reinit_prob and not self.learned_latents:
+            raise ConfigError(
+                f"chains.reinit_prob={config.chains.reinit_prob} does not apply to '{self.name}': it draws "
+                "fresh ζ ~ N(0, I) every iteration, so every chain restarts anyway. Set chains.reinit_prob=0, "
+                "or use a learned-latent variant (ggcn, ggcn_ams) to restart persistent latents."
+            )
+        return config.chains.reinit_prob
+
     def train_step(self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *,
                    generator: torch.Generator, iteration: int = 0) -> StepOutput:
         cfg, gcfg = state.config, state.config.generator
@@ -464,6 +526,8 @@ class GGCNAlgorithm:
         index, z = latents.sample(chains_per_step(cfg.chains.batch_size, gcfg.latent_bank_size, latents), generator)
         if not self.learned_latents:
             z = torch.randn(z.shape, generator=generator, device=z.device)
+        elif latents.reinit_prob:
+            latents.write(index, z)  # a restarted ζ stays restarted, also without a ζ step this iteration
         syn_labels = latents.labels_at(index)
         with torch.no_grad():
             x = gen_net(z, syn_labels)
@@ -501,7 +565,7 @@ class GGCNAlgorithm:
             latents = torch.randn((num, state.config.generator.latent_dim), generator=generator, device=device)
         with torch.no_grad():
             x = state.generator(latents.to(device), labels)
-        return state.sampler(state.energy.score_fn(labels), x, generator=generator, steps=steps)
+        return state.fresh_sampler(state.energy.score_fn(labels), x, generator=generator, steps=steps)
 
 
 Algorithm = EBMAlgorithm | MultiGridAlgorithm | GGCNAlgorithm

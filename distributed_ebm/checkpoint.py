@@ -21,11 +21,21 @@ from .chains import split_bank_states
 
 SHARED_FILE = "state.pt"
 RANK_FILE = "rank-{rank:05d}.pt"
-DIR_PATTERN = re.compile(r"^iter-(\d{8})$")
+DIR_PATTERN = re.compile(r"^iter-(\d{8})(?:-r(\d+))?$")  # iter-ITERATION, or iter-ITERATION-rRECOVERIES
 
 
-def checkpoint_name(iteration: int) -> str:
-    return f"iter-{iteration:08d}"
+def checkpoint_name(iteration: int, recoveries: int = 0) -> str:
+    """The directory name of the checkpoint of `iteration`, written after `recoveries` collapse
+    recoveries: a recovery rolls the run back to an earlier iteration, so the iterations after it
+    are written again; the suffix `-rK` keeps their names apart from the abandoned ones."""
+    return f"iter-{iteration:08d}" + (f"-r{recoveries}" if recoveries else "")
+
+
+def checkpoint_order(path: Path) -> tuple[int, int]:
+    """(recoveries, iteration) of a checkpoint directory: every checkpoint written after a recovery
+    is newer than every one written before it, whatever their iterations."""
+    match = DIR_PATTERN.match(path.name)
+    return int(match[2] or 0), int(match[1])
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -73,12 +83,12 @@ def bank_shard(rank_states: list[dict], rank: int, world_size: int) -> dict:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under root, oldest first."""
+    """Complete checkpoint directories under root, oldest first (see `checkpoint_order`)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if DIR_PATTERN.match(p.name) and (p / SHARED_FILE).is_file()]
-    return sorted(found)
+    return sorted(found, key=checkpoint_order)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -98,8 +108,8 @@ class CheckpointStore(Protocol):
     def latest(self) -> Path | None:
         """The checkpoint to resume from, as a local folder, or None."""
 
-    def save(self, iteration: int, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
-        """Save the checkpoint of `iteration`: `write(directory)` puts this rank's files there."""
+    def save(self, name: str, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
+        """Save the checkpoint `name` (`checkpoint_name`): `write(directory)` puts this rank's files there."""
 
     def final_checkpoint(self) -> Path | None:
         """The newest checkpoint as a local folder that outlives the run (what a finished run
@@ -116,9 +126,9 @@ class LocalCheckpointStore:
         """The newest complete checkpoint directory, or None."""
         return latest_checkpoint(self.root)
 
-    def save(self, iteration: int, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
-        """Let `write(directory)` put this rank's files into the iteration's directory."""
-        write(self.root / checkpoint_name(iteration))
+    def save(self, name: str, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
+        """Let `write(directory)` put this rank's files into the directory `name`."""
+        write(self.root / name)
         if is_main:
             prune_checkpoints(self.root, self.keep)
 

@@ -27,6 +27,7 @@ class DataConfig:
 
     source: str = "digits"  # a name in distributed_ebm.data.SOURCES, or "webdataset"
     path: str | None = None  # file or folder for the `npz` and `folder` sources
+    split: str = "train"  # npz: "train" (arrays x_train/y_train, or x/y) or "test" (x_test/y_test, held out)
     image_size: int | None = None  # side in pixels after resizing; None keeps the source's size
     grayscale: bool | None = None  # force one channel (True) or three (False); None keeps the source's
     num_images: int | None = None  # keep only the first N images (few-sample setting); None keeps all
@@ -65,6 +66,11 @@ class ModelConfig:
     grid_sizes: tuple[int, ...] = (1, 4, 8)  # MGCN / wMGCN: image side of each grid, coarse to fine
     upsample: str = "nearest"  # MGCN: how chains move to the next grid, "nearest" or "bilinear"
     seed: int = 0  # seed of the network initialisation and of the fixed filter bank
+    energy_l2: float = 0.0  # α: adds α·(mean Φ(y)² + mean Φ(x)²) to the energy loss (Du & Mordatch 2019); 0: off
+    spectral_norm: bool = False  # spectral normalisation of the ConvNet's conv and linear layers (w)
+
+    def __post_init__(self) -> None:
+        _check(self.energy_l2 >= 0, "model.energy_l2", self.energy_l2, "must be 0 (off) or positive")
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class LangevinConfig:
     ref_sigma: float = 1.0  # σ: standard deviation of the Gaussian reference q
     clamp: bool = True  # clamp chains to the data range after every step
     sample_steps: int = 200  # steps for fresh chains drawn after training (`debm sample`)
+    grad_clip: float | None = None  # clip each entry of ∇ₓΦ to ±this before the step (Du & Mordatch 2019); None: off
+    sample_anneal_to: float | None = None  # fresh sampling only: δ decays geometrically to this over the run; None: constant δ
     # Speed options (same update rule and noise; see distributed_ebm/langevin.py):
     compile: bool = False  # torch.compile ∇ₓΦ (C++ compiler on the CPU, triton on the GPU)
     autocast: str | None = None  # "bf16": Φ's forward/backward in bfloat16, chains in float32
@@ -102,6 +110,10 @@ class LangevinConfig:
                 f"langevin.autocast must be null (float32) or 'bf16', got {self.autocast!r}. "
                 "Fix the YAML file or the --set override."
             )
+        _check(self.grad_clip is None or self.grad_clip > 0, "langevin.grad_clip", self.grad_clip,
+               "must be null (off) or positive")
+        _check(self.sample_anneal_to is None or self.sample_anneal_to > 0, "langevin.sample_anneal_to",
+               self.sample_anneal_to, "must be null (constant δ) or a positive step size, usually below δ")
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,17 @@ class TrainConfig:
     checkpoint_every: int = 100  # save a checkpoint bundle every K iterations
     keep_checkpoints: int = 3  # how many checkpoint bundles to keep
     response_bank_seed: int = 1234  # seed of the fixed filter bank behind the response distance R
+    ema_decay: float | None = None  # keep an EMA of the model weights (decay per iteration); sampling uses it; None: off
+    time_budget_s: float | None = None  # stop (and checkpoint) after this many seconds of training; None: no budget
+
+    def __post_init__(self) -> None:
+        _check(self.ema_decay is None or 0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay,
+               "must be null (off) or in [0, 1), e.g. 0.999")
+        _check(self.time_budget_s is None or self.time_budget_s > 0, "train.time_budget_s", self.time_budget_s,
+               "must be null (no budget) or a positive number of seconds")
+
+
+RECOVERY_TARGETS = ("step_size", "lr", "both")  # collapse.recovery_target: δ, λ or both
 
 
 @dataclass(frozen=True)
@@ -151,6 +174,16 @@ class CollapseConfig:
     saturation_max: float = 0.5  # collapse when chains push this share of data's unsaturated pixels to the bounds
     patience: int = 5  # consecutive iterations a condition must hold
     stop_on_collapse: bool = False  # stop training at collapse (NaN/Inf always stops)
+    max_recoveries: int = 0  # on collapse: roll back to the last healthy checkpoint and go on, at most this often; 0: off
+    recovery_factor: float = 0.5  # each recovery multiplies the lowered knob(s) by this
+    recovery_target: str = "step_size"  # what a recovery lowers: "step_size" (δ), "lr" (λ) or "both"
+
+    def __post_init__(self) -> None:
+        _check(self.max_recoveries >= 0, "collapse.max_recoveries", self.max_recoveries, "must be 0 (off) or more")
+        _check(0 < self.recovery_factor < 1, "collapse.recovery_factor", self.recovery_factor,
+               "must be in (0, 1): each recovery multiplies δ and/or λ by it")
+        _check(self.recovery_target in RECOVERY_TARGETS, "collapse.recovery_target", self.recovery_target,
+               f"must be one of {', '.join(repr(t) for t in RECOVERY_TARGETS)}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +229,12 @@ class RunConfig:
         for key, value in overrides.items():
             set_dotted(raw, key, value)
         return RunConfig.from_dict(raw)
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise a ConfigError naming `key`, its value and the rule it breaks, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"'{key}' {rule}, got {value!r}. Fix the YAML file or the --set override.")
 
 
 def _plain(value: Any) -> Any:

@@ -87,3 +87,12 @@ def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tu
     scale = torch.tensor([1.0 if k in sum_keys else 1.0 / dist.get_world_size() for k in keys],
                          dtype=torch.float64, device=device)
     return {**values, **dict(zip(keys, (tensor * scale).tolist()))}
+
+
+def rank_zero_says(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (one broadcast), so that all ranks take rank 0's decision."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())

@@ -3,6 +3,11 @@
 Every energy maps a batch (B, *sample_shape) to one score per sample (B,); higher means more
 likely. Its last linear layer is θ, everything trained before it is w; `theta_names()` says which
 parameters are θ, so that the JKO penalty can reach θ only. Builders are registered in ENERGIES.
+
+model.spectral_norm puts spectral normalisation (torch.nn.utils.parametrizations) on the conv
+and linear layers of w: their parameters become `….parametrizations.weight.original` (still w)
+and each layer gains two power-iteration buffers, both in the state dict. θ stays free: it
+starts at zero, which has no spectral normalisation, and its norm is the scale of Φ.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from .config import ConfigError, ModelConfig
 
@@ -202,7 +208,7 @@ class ConvEnergy(Energy):
             nn.init.zeros_(self.class_theta.weight)
 
     def theta_names(self) -> set[str]:
-        return {"theta.weight", "theta.bias", "class_theta.weight"}
+        return _names_under(self, ("theta", "class_theta"))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features = self.features(x).flatten(1)
@@ -229,10 +235,23 @@ class MLPEnergy(Energy):
         self.theta = nn.Linear(in_dim, 1)
 
     def theta_names(self) -> set[str]:
-        return {"theta.weight", "theta.bias"}
+        return _names_under(self, ("theta",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.theta(self.features(x)).squeeze(1)
+
+
+def _names_under(module: nn.Module, children: tuple[str, ...]) -> set[str]:
+    """The parameter names under the given child modules (whatever parametrizations rename them to)."""
+    return {name for name, _ in module.named_parameters() if name.split(".", 1)[0] in children}
+
+
+def spectral_normalise(features: nn.Module) -> nn.Module:
+    """Spectral normalisation on every conv and linear layer of `features` (w), in place."""
+    for layer in features.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            spectral_norm(layer)
+    return features
 
 
 def _activation(name: str) -> Callable[[], nn.Module]:
@@ -257,6 +276,7 @@ ENERGIES: dict[str, Callable[[ModelConfig, tuple[int, ...]], Energy]] = {
     "mlp": lambda c, shape: MLPEnergy(shape, c.channels, c.activation),
 }
 CONDITIONAL_ENERGIES = ("conv",)
+SPECTRAL_ENERGIES = ("conv", "mlp")  # energies whose w model.spectral_norm normalises
 
 
 def build_energy(
@@ -270,8 +290,14 @@ def build_energy(
         raise ConfigError(f"Unknown model.energy '{energy}'. Choose one of {sorted(ENERGIES)}.")
     if num_classes and energy not in CONDITIONAL_ENERGIES:
         raise ConfigError(f"model.conditional needs a conditional energy ({CONDITIONAL_ENERGIES}), not '{energy}'.")
+    if config.spectral_norm and energy not in SPECTRAL_ENERGIES:
+        raise ConfigError(
+            f"model.spectral_norm applies to the trained filters w of {SPECTRAL_ENERGIES}; the '{energy}' "
+            "energy has none (FRAME's filter bank is fixed). Set model.spectral_norm=false."
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + seed_offset)
-        if num_classes:
-            return ENERGIES[energy](config, tuple(sample_shape), num_classes)
-        return ENERGIES[energy](config, tuple(sample_shape))
+        net = ENERGIES[energy](config, tuple(sample_shape), *((num_classes,) if num_classes else ()))
+        if config.spectral_norm:
+            spectral_normalise(net.features)  # its power-iteration vectors drawn from the same seed
+        return net

@@ -148,8 +148,11 @@ def draw_samples(model: TrainedModel, settings: EvalSettings) -> tuple[torch.Ten
         source = {
             "source": "fresh",
             "algorithm": model.config.model.algorithm,
+            "weights": model.weights_description,
             "langevin_steps": settings.steps,
         }
+        if lang.sample_anneal_to is not None:
+            source["step_size"] = f"annealed geometrically from {lang.step_size} to {lang.sample_anneal_to}"
         if settings.steps is None:
             source["langevin_steps_note"] = (
                 "the algorithm's default: "
@@ -192,6 +195,7 @@ def model_description(model: TrainedModel, run_dir: str | None, model_uri: str |
         "run_dir": None if run_dir is None else str(Path(run_dir).resolve()),
         "model_uri": model_uri,
         "algorithm": model.config.model.algorithm,
+        "weights": model.weights,
         "iteration": model.iteration,
         "images_seen": shared.get("images_seen"),
         "checkpoint": str(model.checkpoint),

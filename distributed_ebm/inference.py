@@ -1,4 +1,9 @@
-"""Load a trained run and draw from it: fresh samples (the default) or the persistent bank."""
+"""Load a trained run and draw from it: fresh samples (the default) or the persistent bank.
+
+A run trained with train.ema_decay draws (samples, inpainting, interpolation) from the EMA of
+its weights unless asked for the live ones; fresh chains anneal δ to langevin.sample_anneal_to
+when that is set.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from .algorithms import TrainState, get_algorithm
 from .config import ConfigError, RunConfig
 from .distributed import resolve_device
 from .inpainting import fit_latents, inpaint_langevin
+from .recovery import effective_overrides
 from .rundir import RunDirectory
 
 
@@ -20,9 +26,17 @@ class TrainedModel:
     """A run's networks and banks, rebuilt from a checkpoint (every rank's shards merged)."""
 
     config: RunConfig
-    state: TrainState
+    state: TrainState  # its `models` are the weights drawn from: the EMA ones when `weights` is "ema"
     iteration: int
     checkpoint: Path
+    weights: str = "live"  # "ema" (the moving average, train.ema_decay) or "live" (the trained weights)
+
+    @property
+    def weights_description(self) -> str:
+        """Which weights the samples come from, for reports and sample files."""
+        if self.weights == "ema":
+            return f"EMA of the weights (train.ema_decay={self.config.train.ema_decay})"
+        return "live weights"
 
     @property
     def algorithm(self):
@@ -99,7 +113,7 @@ class TrainedModel:
             steps = lang.langevin_steps if steps is None else steps
         elif method != "langevin":
             raise ConfigError(f"Unknown inpainting method '{method}'. Choose 'langevin' or 'generator'.")
-        knobs = self.state.sampler.keywords(lang.sample_steps if steps is None else steps)
+        knobs = self.state.fresh_sampler.keywords(lang.sample_steps if steps is None else steps)
         return inpaint_langevin(energy.score_fn(labels), images, missing, generator=generator, init=init,
                                 **knobs).cpu()
 
@@ -128,8 +142,12 @@ class TrainedModel:
         return images.view(rows, midpoints + 2, *self.sample_shape).cpu()
 
 
-def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path | None = None) -> TrainedModel:
-    """Rebuild a run from its latest (or the given) checkpoint."""
+def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path | None = None,
+             ema: bool = True) -> TrainedModel:
+    """Rebuild a run from its latest (or the given) checkpoint.
+
+    ema: draw from the EMA weights when the run kept them (train.ema_decay); False: the live ones.
+    """
     run = RunDirectory(run_dir)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run.checkpoints)
     if path is None:
@@ -143,7 +161,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path
         overrides.update({"chains.bank_size": size, "chains.batch_size": size})
     if "latents" in banks:
         overrides["generator.latent_bank_size"] = len(banks["latents"]["ids"])
-    config = RunConfig.from_dict(shared["config"]).replace(overrides)
+    # δ (and λ) as the run last trained with them: lowered by any collapse recoveries
+    config = RunConfig.from_dict(shared["config"]).replace({**overrides, **effective_overrides(shared)})
     device = resolve_device(device)
     state = get_algorithm(config.model.algorithm).build(
         config,
@@ -155,6 +174,9 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path
     )
     state.load_model_state(shared)
     state.load_bank_state(banks)
+    weights = "ema" if ema and state.ema else "live"
+    if weights == "ema":
+        state.models = dict(state.ema)  # state.energy / state.generator now give the averages
     for model in state.models.values():
         model.eval()
-    return TrainedModel(config, state, shared["iteration"], path)
+    return TrainedModel(config, state, shared["iteration"], path, weights)

@@ -60,6 +60,8 @@ def inpaint_langevin(
     generator: torch.Generator,
     clamp: tuple[float, float] | None = (-1.0, 1.0),
     init: torch.Tensor | None = None,
+    grad_clip: float | None = None,
+    anneal_to: float | None = None,
     compile: bool = False,
     autocast: str | None = None,
     channels_last: bool = False,
@@ -67,12 +69,13 @@ def inpaint_langevin(
     """Fill the missing pixels by Langevin on Φ with the observed pixels clamped.
 
     The hole starts from `init` (default: zeros) and every observed pixel keeps its value.
-    `compile`, `autocast` and `channels_last` are the sampler's speed options (see `langevin`).
+    `grad_clip` and `anneal_to` are the sampler's quality options, `compile`, `autocast` and
+    `channels_last` its speed options (see `langevin`).
     """
     start = torch.where(missing.bool(), torch.zeros_like(images) if init is None else init, images)
     return langevin(score_fn, start, steps=steps, step_size=step_size, ref_sigma=ref_sigma,
-                    generator=generator, clamp=clamp, mask=missing.expand_as(images), compile=compile,
-                    autocast=autocast, channels_last=channels_last)
+                    generator=generator, clamp=clamp, mask=missing.expand_as(images), grad_clip=grad_clip,
+                    anneal_to=anneal_to, compile=compile, autocast=autocast, channels_last=channels_last)
 
 
 def fit_latents(

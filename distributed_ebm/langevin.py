@@ -10,8 +10,16 @@ its noise comes from an explicit `torch.Generator`, so that a run can be replaye
 The loop allocates nothing per step besides what autograd needs for ∇ₓΦ: the drift and then the
 noise go through one preallocated buffer, the update runs in place under `torch.no_grad`, and
 nothing reads a tensor back to the host. The default path gives bit for bit the result of the
-plain formula above. Three opt-in speed options change how ∇ₓΦ is computed, never the update
-rule, the clamp, the mask or the noise stream:
+plain formula above. Two opt-in quality options change the update rule itself:
+
+- `grad_clip`: each entry of ∇ₓΦ is clipped to ±c before the step (Du & Mordatch 2019), which
+  bounds the drift of the Φ term per step by δ²/2 · c per entry.
+- `anneal_to`: δ decays geometrically over the run, δ_t = δ · (δ_end / δ)^(t / (L − 1)) for
+  t = 0 … L − 1 (`step_schedule`); the noise scales with δ_t as in the rule above, so the last
+  steps are nearly noise-free. Meant for fresh samples, not for training chains.
+
+Three opt-in speed options change how ∇ₓΦ is computed, never the update rule, the clamp, the
+mask or the noise stream:
 
 - `compile`: ∇ₓΦ through `torch.func.grad`, compiled by `torch.compile` (forward and backward in
   one graph). Needs a C++ compiler on the CPU and triton on the GPU. The first call of each new
@@ -31,7 +39,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,6 +72,17 @@ def _compiled_score_grad() -> Callable[[ScoreFn, torch.Tensor], torch.Tensor]:
     return torch.compile(functional_score_grad)
 
 
+def step_schedule(step_size: float, steps: int, anneal_to: float | None = None) -> list[float]:
+    """δ_t for t = 0 … steps − 1: constant δ, or with `anneal_to` geometric from δ down to it
+    (δ_0 = δ, δ_{L−1} = anneal_to up to rounding; one step keeps δ)."""
+    if anneal_to is None:
+        return [step_size] * steps
+    if anneal_to <= 0 or step_size <= 0:
+        raise ValueError(f"Langevin annealing needs positive step sizes, got δ={step_size} → {anneal_to}.")
+    ratio = anneal_to / step_size
+    return [step_size * ratio ** (t / (steps - 1)) if steps > 1 else step_size for t in range(steps)]
+
+
 def langevin(
     score_fn: ScoreFn,
     x0: torch.Tensor,
@@ -74,6 +93,8 @@ def langevin(
     generator: torch.Generator | None = None,
     clamp: tuple[float, float] | None = None,
     mask: torch.Tensor | None = None,
+    grad_clip: float | None = None,
+    anneal_to: float | None = None,
     compile: bool = False,
     autocast: str | None = None,
     channels_last: bool = False,
@@ -90,6 +111,9 @@ def langevin(
         clamp: (low, high) bounds applied after every step, e.g. the data range (-1, 1).
         mask: optional tensor broadcastable to x0; 1 marks entries that move, 0 entries that stay
             at their x0 value (inpainting with observed pixels clamped).
+        grad_clip: clip each entry of ∇ₓΦ to [−c, c] before the step; None: no clipping.
+        anneal_to: δ decays geometrically from `step_size` to this over the `steps` steps, the
+            noise with it (`step_schedule`); None: constant δ.
         compile: compute ∇ₓΦ with `torch.compile` (results match the default path to float
             rounding, ~1e-7 per step).
         autocast: None (float32), or "bf16": Φ's forward and backward in bfloat16 autocast, the
@@ -97,12 +121,15 @@ def langevin(
         channels_last: keep image chains (B, C, H, W) in channels-last memory format (GPU).
 
     The noise stream, and with the default options the result, are the same bit for bit as the
-    plain loop `x = x + δ²/2 · (∇ₓΦ(x) − x/σ²) + δ · randn(generator)` followed by clamp and mask.
+    plain loop `x = x + δ²/2 · (∇ₓΦ(x) − x/σ²) + δ · randn(generator)` followed by clamp and mask
+    (with `grad_clip`, ∇ₓΦ(x).clamp(−c, c) in place of ∇ₓΦ(x); with `anneal_to`, δ_t in place of δ).
     The result has x0's memory layout.
     """
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"Langevin grad_clip must be positive, got {grad_clip}.")
+    schedule = step_schedule(step_size, steps, anneal_to)
     grad_fn = _grad_fn(score_fn, x0, compile=compile, autocast=autocast)
     memory_format = _memory_format(x0, channels_last)
-    drift_scale = step_size**2 / 2.0
     inv_var = 1.0 / ref_sigma**2
     with torch.no_grad():
         x = x0.detach().clone(memory_format=memory_format)
@@ -111,13 +138,17 @@ def langevin(
         work = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         move = None if mask is None else mask.to(x.device).bool()
         keep = x0.detach()
-        for _ in range(steps):
+        # ∇ₓΦ may be an expanded view (e.g. of a sum), so clipping goes to a buffer of its own
+        clipped = None if grad_clip is None else torch.empty_like(work)
+        for delta in schedule:
             grad = grad_fn(x)
+            if clipped is not None:
+                grad = torch.clamp(grad, -grad_clip, grad_clip, out=clipped)
             # δ²/2 · (∇Φ − x/σ²), one operation at a time so that rounding matches the formula
             torch.mul(x, inv_var, out=work)
             torch.sub(grad, work, out=work)
-            x.add_(work.mul_(drift_scale))
-            x.add_(work.normal_(generator=generator).mul_(step_size))
+            x.add_(work.mul_(delta**2 / 2.0))
+            x.add_(work.normal_(generator=generator).mul_(delta))
             if clamp is not None:
                 x.clamp_(clamp[0], clamp[1])
             if move is not None:
@@ -137,6 +168,9 @@ class LangevinSettings:
     step_size: float  # δ
     ref_sigma: float  # σ of the Gaussian reference
     clamp: tuple[float, float] | None = None  # bounds after every step (the data range), or none
+    grad_clip: float | None = None  # clip each entry of ∇ₓΦ to ±this (see `langevin`), or none
+    anneal_to: float | None = None  # δ decays geometrically to this over each call, or constant δ
+    sample_anneal_to: float | None = None  # the `anneal_to` of fresh chains (`for_fresh_chains`)
     compile: bool = False  # see `langevin`
     autocast: str | None = None  # see `langevin`
     channels_last: bool = False  # see `langevin`
@@ -145,8 +179,14 @@ class LangevinSettings:
         """The keyword arguments of `langevin` (and inpainting.inpaint_langevin): `steps` steps,
         default L."""
         return {"steps": self.steps if steps is None else steps, "step_size": self.step_size,
-                "ref_sigma": self.ref_sigma, "clamp": self.clamp, "compile": self.compile,
-                "autocast": self.autocast, "channels_last": self.channels_last}
+                "ref_sigma": self.ref_sigma, "clamp": self.clamp, "grad_clip": self.grad_clip,
+                "anneal_to": self.anneal_to, "compile": self.compile, "autocast": self.autocast,
+                "channels_last": self.channels_last}
+
+    def for_fresh_chains(self) -> LangevinSettings:
+        """These knobs for chains started fresh after training (samples, inpainting, serving):
+        δ anneals to `sample_anneal_to` when set. Training chains keep constant δ."""
+        return replace(self, anneal_to=self.sample_anneal_to)
 
     def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, *, generator: torch.Generator | None,
                  steps: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:

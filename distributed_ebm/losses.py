@@ -44,6 +44,12 @@ def jko_loss(
     return mle + 0.5 * jko_weight * ((1.0 - gamma) * penalty_prev + gamma * penalty_syn)
 
 
+def energy_l2_loss(phi_data: torch.Tensor, phi_syn: torch.Tensor, *, weight: float) -> torch.Tensor:
+    """α · (mean Φ(y)² + mean Φ(x_syn)²): keeps the scores near 0, so that Φ cannot drift to large
+    magnitudes on both data and chains (Du & Mordatch 2019). `weight`: α."""
+    return weight * (phi_data.pow(2).mean() + phi_syn.pow(2).mean())
+
+
 def energy_u(phi: torch.Tensor, x: torch.Tensor, *, ref_sigma: float) -> torch.Tensor:
     """U(x) = −Φ(x) + ‖x‖²/(2σ²), the energy including the Gaussian reference, per sample."""
     return -phi + x.flatten(1).pow(2).sum(1) / (2 * ref_sigma**2)

@@ -1,6 +1,7 @@
 """Rank 0's outputs of a training run behind one object; every other rank gets one that does nothing.
 
-Rank 0 owns the run directory (config.yaml, metrics.jsonl, sample grids, curves.png,
+Rank 0 owns the run directory (config.yaml as the user wrote it, metrics.jsonl, the rows of
+iterations a collapse recovery undid in metrics_rolled_back.jsonl, sample grids, curves.png,
 summary.json), the MLflow run (tracking.Tracker), the progress bar and the final registration of
 the model (tracking.finish_summary). Checkpoints are not outputs: every rank writes its part
 through the checkpoint store.
@@ -42,6 +43,22 @@ class RunOutputs:
         """Drop the metrics logged after the checkpoint the run resumes from (they are replayed)."""
         self.run.truncate_metrics(iteration)
         log.warning("Resumed from %s at iteration %d", checkpoint, iteration)
+
+    def rolled_back(self, record: dict, max_recoveries: int) -> None:
+        """A collapse recovery (recovery.py's record): move the metrics rows of the iterations it
+        undid to metrics_rolled_back.jsonl (each with `undone_by_recovery`: its number), say so on the
+        console and in MLflow (tags debm.recoveries, debm.recovery.N), rewind the progress bar."""
+        moved = self.run.set_aside_metrics(record["rolled_back_to"], undone_by_recovery=record["recovery"])
+        log.warning(
+            "Collapse (%s) at iteration %d: recovery %d of %d returns to %s (iteration %d; %d metrics rows "
+            "moved to %s) with δ %.4g → %.4g and λ %.4g → %.4g", record["reason"], record["iteration"],
+            record["recovery"], max_recoveries, record["checkpoint"], record["rolled_back_to"], moved,
+            self.run.rolled_back_file.name, record["step_size_before"], record["step_size"],
+            record["lr_before"], record["lr"])
+        if self.tracker is not None:
+            self.tracker.log_recovery(record)
+        self.bar.n = record["rolled_back_to"]
+        self.bar.refresh()
 
     def start(self, info: dict, iteration: int) -> None:
         """Open the MLflow run (or continue a resumed run's) and the progress bar at `iteration`."""
@@ -103,6 +120,9 @@ class NoOutputs(RunOutputs):
         self.config, self.run, self.progress, self.tracker, self.bar = config, run, False, None, None
 
     def resumed(self, checkpoint: Path, iteration: int) -> None:
+        pass
+
+    def rolled_back(self, record: dict, max_recoveries: int) -> None:
         pass
 
     def start(self, info: dict, iteration: int) -> None:

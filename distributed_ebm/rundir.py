@@ -27,6 +27,7 @@ class RunDirectory:
         self.checkpoints = self.path / "checkpoints"
         self.samples = self.path / "samples"
         self.metrics_file = self.path / "metrics.jsonl"
+        self.rolled_back_file = self.path / "metrics_rolled_back.jsonl"  # rows a collapse recovery undid
 
     def create(self) -> None:
         for folder in (self.path, self.checkpoints, self.samples):
@@ -48,6 +49,16 @@ class RunDirectory:
         """Drop rows logged after `last_iteration` (a resume replays them from its checkpoint)."""
         rows = [r for r in self.read_metrics() if r["iteration"] <= last_iteration]
         self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def set_aside_metrics(self, last_iteration: int, **marks) -> int:
+        """Move the rows logged after `last_iteration` to metrics_rolled_back.jsonl, each with
+        `marks` added (a collapse recovery went back to that iteration); return how many moved."""
+        rows = self.read_metrics()
+        undone = [{**r, **marks} for r in rows if r["iteration"] > last_iteration]
+        with self.rolled_back_file.open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in undone))
+        self.truncate_metrics(last_iteration)
+        return len(undone)
 
     def save_samples(self, samples: torch.Tensor, name: str, reference: torch.Tensor | None = None) -> Path:
         """A PNG grid of images in [-1, 1], or a scatter plot of 2-D points over the reference."""

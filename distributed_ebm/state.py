@@ -2,14 +2,18 @@
 
 Everything a run needs to continue bit for bit lives here: the algorithm's `TrainState`
 (networks, optimisers, this rank's chain and latent bank shards), the counters (iterations,
-images seen), this rank's random streams, the collapse detector and the data's read positions.
-A checkpoint is `checkpoint.py`'s bundle: a shared file (rank 0) and one file per rank.
+images seen), this rank's random streams, the collapse detector, the data's read positions and
+the collapse recoveries so far with the δ and λ they lowered (recovery.py). A checkpoint is
+`checkpoint.py`'s bundle: a shared file (rank 0) and one file per rank; `snapshot` keeps the same
+content of one rank in memory, for a recovery to roll back to.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +36,7 @@ def same_layout(saved: torch.Tensor | None, generator: torch.Generator) -> bool:
 @dataclass
 class RunState:
     """One process's training state: the algorithm's state, counters, random streams, collapse
-    detector and data read positions."""
+    detector, data read positions and collapse recoveries."""
 
     config: RunConfig
     algorithm: Algorithm  # the registered algorithm (algorithms.ALGORITHMS) that trains `train`
@@ -42,6 +46,9 @@ class RunState:
     data: object  # this rank's data (ImageData share or StreamingData): its read positions
     iteration: int = 0  # learning iterations done
     images_seen: int = 0  # data images consumed by the whole group
+    recoveries: list[dict] = field(default_factory=list)  # the collapse recoveries so far (recovery.py)
+    # δ (langevin.step_size) and λ (optim.lr) in use, as multiples of the config's: recoveries lower them
+    knob_scales: dict[str, float] = field(default_factory=lambda: {"step_size": 1.0, "lr": 1.0})
 
     @classmethod
     def build(cls, config: RunConfig, ctx: ProcessContext, data, data_mean: torch.Tensor) -> RunState:
@@ -57,39 +64,75 @@ class RunState:
         train.sync_gradients = all_reduce_gradients
         return cls(config, algorithm, train, generators, CollapseDetector(config.collapse), data)
 
+    def knobs(self) -> dict[str, float]:
+        """The δ (step_size) and λ (lr) in use: the config's, times `knob_scales`."""
+        return {"step_size": self.train.sampler.step_size,
+                "lr": self.train.optimizers["energy"].param_groups[0]["lr"]}
+
+    def set_knob_scales(self, scales: dict[str, float]) -> None:
+        """Use δ = langevin.step_size × scales["step_size"] in the sampler and λ = optim.lr ×
+        scales["lr"] in the energy's optimiser (the generator's keeps generator.lr)."""
+        self.knob_scales = dict(scales)
+        step_size = self.config.langevin.step_size * scales["step_size"]
+        self.train.sampler = dataclasses.replace(self.train.sampler, step_size=step_size)
+        for group in self.train.optimizers["energy"].param_groups:
+            group["lr"] = self.config.optim.lr * scales["lr"]
+
+    def rank_state(self, rank: int) -> dict:
+        """This rank's part of a checkpoint: bank shards, random streams, data read positions."""
+        return {
+            "banks": self.train.bank_state(),
+            "generators": {k: g.get_state() for k, g in self.generators.items()},
+            "data": self.data.state_dict(),  # a stream's read positions (None for in-memory data)
+            "rank": rank,
+        }
+
+    def shared_state(self, world_size: int) -> dict:
+        """The part of a checkpoint every rank shares (rank 0 writes it)."""
+        return {
+            **self.train.model_state(),
+            "config": self.config.to_dict(),
+            "iteration": self.iteration,
+            "images_seen": self.images_seen,
+            "collapse": self.collapse.state_dict(),
+            "recovery": {"knob_scales": dict(self.knob_scales), "recoveries": list(self.recoveries)},
+            "world_size": world_size,
+        }
+
     def save(self, directory: Path, ctx: ProcessContext) -> None:
         """Write this rank's part of the checkpoint into `directory` (rank 0 adds the shared part)."""
-        ckpt.write_rank(
-            directory,
-            ctx.rank,
-            {
-                "banks": self.train.bank_state(),
-                "generators": {k: g.get_state() for k, g in self.generators.items()},
-                "data": self.data.state_dict(),  # a stream's read positions (None for in-memory data)
-                "rank": ctx.rank,
-            },
-        )
+        ckpt.write_rank(directory, ctx.rank, self.rank_state(ctx.rank))
         if ctx.is_main:
-            ckpt.write_shared(
-                directory,
-                {
-                    **self.train.model_state(),
-                    "config": self.config.to_dict(),
-                    "iteration": self.iteration,
-                    "images_seen": self.images_seen,
-                    "collapse": self.collapse.state_dict(),
-                    "world_size": ctx.world_size,
-                },
-            )
+            ckpt.write_shared(directory, self.shared_state(ctx.world_size))
 
     def load(self, directory: Path, ctx: ProcessContext) -> None:
         """Continue from a checkpoint: models, optimisers, this rank's bank shard (re-split when the
-        number of ranks changed), counters, collapse detector, data positions and random streams."""
+        number of ranks changed), counters, collapse detector and recoveries (with the δ and λ they
+        lowered, applied to the config's), data positions and random streams."""
         shared, rank_states = ckpt.read_checkpoint(directory)
+        self._load(shared, rank_states, ctx, directory)
+
+    def snapshot(self, ctx: ProcessContext) -> bytes:
+        """What this rank would write into a checkpoint (its part and the shared part), in memory."""
+        buffer = io.BytesIO()
+        torch.save({"shared": self.shared_state(ctx.world_size), "rank": self.rank_state(ctx.rank)}, buffer)
+        return buffer.getvalue()
+
+    def restore(self, snapshot: bytes, ctx: ProcessContext) -> None:
+        """Return to a `snapshot` of this process, exactly as `load` from its checkpoint would."""
+        saved = torch.load(io.BytesIO(snapshot), map_location="cpu", weights_only=False)
+        # The ranks are the same as when it was taken, so each rank reads only its own part: it
+        # stands in for every rank's.
+        self._load(saved["shared"], [saved["rank"]] * ctx.world_size, ctx, "a snapshot in memory")
+
+    def _load(self, shared: dict, rank_states: list[dict], ctx: ProcessContext, source: Path | str) -> None:
         self.train.load_model_state(shared)
         self.train.load_bank_state(ckpt.bank_shard(rank_states, ctx.rank, ctx.world_size))
         self.collapse.load_state_dict(shared["collapse"])
         self.iteration, self.images_seen = shared["iteration"], shared["images_seen"]
+        recovery = shared.get("recovery", {})  # absent from checkpoints written before recoveries
+        self.recoveries = list(recovery.get("recoveries", []))
+        self.set_knob_scales(recovery.get("knob_scales", {"step_size": 1.0, "lr": 1.0}))
         self.data.load_state_dict([r.get("data") for r in rank_states], ctx.rank)
         saved = rank_states[ctx.rank]["generators"] if len(rank_states) == ctx.world_size else {}
         for key, gen in self.generators.items():
@@ -99,9 +142,9 @@ class RunState:
                 # A new world size, or a stream that moved between devices (a CPU checkpoint resumed
                 # on a GPU, or back): new streams, derived from (seed, rank, resume iteration).
                 log.warning("Random stream '%s' cannot continue from %s (%s); reseeded from (seed, rank, "
-                            "iteration %d)", key, directory, "another number of workers" if not saved
+                            "iteration %d)", key, source, "another number of workers" if not saved
                             else f"its state was saved on another device than {gen.device}", self.iteration)
                 gen.manual_seed(stream_seed(self.config.train.seed + self.iteration, ctx.rank, key))
         models = self.train.models.values()
         if not all(bool(torch.isfinite(p).all()) for model in models for p in model.parameters()):
-            raise ValueError(f"Checkpoint '{directory}' holds non-finite weights; resume from an earlier one.")
+            raise ValueError(f"Checkpoint '{source}' holds non-finite weights; resume from an earlier one.")

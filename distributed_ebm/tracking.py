@@ -133,10 +133,18 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=self.buffer[start : start + 1000])
         self.buffer = []
 
+    def log_recovery(self, record: dict) -> None:
+        """Tag a collapse recovery: debm.recoveries (how many so far) and debm.recovery.N (its
+        record as JSON). The metrics of the iterations it undid stay in the run's history."""
+        self.client.set_tag(self.run_id, "debm.recoveries", str(record["recovery"]))
+        self.client.set_tag(self.run_id, f"debm.recovery.{record['recovery']}", json.dumps(record)[:5000])
+
     def finish(self, run_dir: Path, status: str) -> None:
-        """Send the last metrics, log the run directory's files as artifacts and close the run."""
+        """Send the last metrics, log the run directory's files as artifacts, tag the status
+        (debm.status: completed, collapsed or diverged) and close the run."""
         self.flush()
-        for name in ("config.yaml", "summary.json", "curves.png", "metrics.jsonl"):
+        self.client.set_tag(self.run_id, "debm.status", status)
+        for name in ("config.yaml", "summary.json", "curves.png", "metrics.jsonl", "metrics_rolled_back.jsonl"):
             if (run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(run_dir / name))
         if (run_dir / "samples").is_dir():

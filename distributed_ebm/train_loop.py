@@ -2,8 +2,10 @@
 
 Read it top to bottom: set up (rank, outputs, data, training state), resume if asked, then for
 each iteration: a data batch → the algorithm's train_step (Langevin on this rank's chains,
-losses, all-reduced gradients, optimiser step) → metrics → collapse check → outputs, checkpoint,
-callbacks. Progress is counted in images seen. Rank 0's files and MLflow live behind
+losses, all-reduced gradients, optimiser step) → metrics → collapse check (and, when it fires
+and recoveries are left, a rollback to the last healthy state: recovery.py) → outputs,
+checkpoint, callbacks; until train.iterations, a collapse that stops the run, or
+train.time_budget_s. Progress is counted in images seen. Rank 0's files and MLflow live behind
 `outputs.RunOutputs`; the state that a checkpoint holds lives in `state.RunState`.
 """
 
@@ -13,16 +15,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .checkpoint import CheckpointStore, LocalCheckpointStore
+from .checkpoint import CheckpointStore, LocalCheckpointStore, checkpoint_name
 from .config import RunConfig
 from .data import training_data
-from .distributed import all_reduce_mean, current_context
+from .distributed import all_reduce_mean, current_context, rank_zero_says
 from .metrics import ResponseDistance
 from .outputs import RunOutputs
+from .recovery import INITIAL, Recovery, collapse_message
 from .rundir import RunDirectory
 from .state import RunState
 
-IterationCallback = Callable[..., None]  # fn(iteration=, rank=, metrics=), after every iteration
+IterationCallback = Callable[..., None]  # fn(iteration=, rank=, metrics=), after every iteration kept
 SUMMED = ("data_corrupt", "data_bad_shards")  # metrics summed over ranks (the others are averaged)
 
 
@@ -56,11 +59,17 @@ def train(
         store: where checkpoints go (default: a LocalCheckpointStore in run_dir/checkpoints;
             trainer.RayCheckpointStore in Ray Train workers).
         on_iteration: a callable (or several) called on every rank after every iteration as
-            fn(iteration=, rank=, metrics=), e.g. a Tune reporter.
+            fn(iteration=, rank=, metrics=), e.g. a Tune reporter; not after an iteration whose
+            collapse made the run roll back (collapse.max_recoveries).
         resume: continue from the store's latest checkpoint, if it has one.
         progress: show a progress bar on rank 0.
 
-    Raises TrainingDiverged (after writing the summary) when a score, the loss or a chain became NaN/Inf.
+    The summary's status is "completed", "collapsed" (the collapse detector fired and the run did
+    not recover: it stopped, or trained on with collapse.stop_on_collapse off) or "diverged"; see
+    `_outcome` for what else says how the run ended.
+
+    Raises TrainingDiverged (after writing the summary) when a score, the loss or a chain became
+    NaN/Inf and no recovery was left.
     """
     ctx = current_context(config.train.device)
     run = RunDirectory(run_dir)
@@ -74,22 +83,22 @@ def train(
     response = ResponseDistance(
         data.sample_shape, seed=config.train.response_bank_seed, weights=config.model.filter_bank
     ).to(ctx.device)
+    recovery = Recovery(config, ctx)  # the last healthy state, to return to on collapse
     latest = store.latest() if resume else None
     if latest is not None:
         state.load(latest, ctx)
         outputs.resumed(latest, state.iteration)
-    info = {
-        "algorithm": state.algorithm.name,
-        "energy": type(state.train.energy).__name__,
-        "filter_bank": getattr(getattr(state.train.energy, "bank", None), "kind", None),
-        "response_bank": response.kind,
-        "data": data.name,
-        "device": str(ctx.device),
-        "world_size": ctx.world_size,
-    }
+    recovery.remember(state, INITIAL if latest is None else latest.name)
+    info = _describe(state, data, response, ctx)
     outputs.start(info, state.iteration)
 
-    started, status, metrics, samples = time.perf_counter(), "completed", {}, None
+    def save_checkpoint(metrics: dict) -> None:  # named after the iteration and the recoveries so far
+        name = checkpoint_name(state.iteration, len(state.recoveries))
+        store.save(name, lambda directory: state.save(directory, ctx), metrics, ctx.is_main)
+        recovery.remember(state, name)
+
+    budget = config.train.time_budget_s
+    started, stopped_by, metrics, samples = time.perf_counter(), "iterations", {}, None
     while state.iteration < config.train.iterations:
         tick = time.perf_counter()
         y, labels = data.batch(config.train.data_batch_size, state.generators["data"])
@@ -99,36 +108,70 @@ def train(
         out.metrics["response_distance"] = float(response(out.samples, y))
         out.metrics.update(data.counters())
         metrics, samples = all_reduce_mean(out.metrics, ctx.device, sum_keys=SUMMED), out.samples
+        metrics.update(state.knobs(), recovery=len(state.recoveries))  # δ, λ in use; recoveries so far
         state.iteration += 1
         state.images_seen += config.train.data_batch_size * ctx.world_size
         metrics.update(state.collapse.update(state.iteration, metrics))
         metrics.update(iteration=state.iteration, images_seen=state.images_seen, seconds=time.perf_counter() - tick)
 
         outputs.record(metrics, samples, y)
+        if metrics["collapse"] and recovery.possible(state):
+            outputs.rolled_back(recovery.roll_back(state, metrics), config.collapse.max_recoveries)
+            save_checkpoint({"iteration": state.iteration, "recovery": len(state.recoveries)})
+            continue
         if metrics["collapse_reason"] == "nonfinite":
-            status = "diverged"
+            stopped_by = "divergence"
             break
-        if state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations:
-            store.save(state.iteration, lambda directory: state.save(directory, ctx), metrics, ctx.is_main)
+        # Rank 0's clock decides for every rank, so that all stop at the same iteration.
+        out_of_time = budget is not None and rank_zero_says(time.perf_counter() - started >= budget, ctx.device)
+        if (state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations
+                or out_of_time):
+            save_checkpoint(metrics)
         for callback in callbacks:
             callback(iteration=state.iteration, rank=ctx.rank, metrics=metrics)
-        if metrics["collapse"] and config.collapse.stop_on_collapse:
-            status = "collapsed"
+        if metrics["collapse"] and (config.collapse.stop_on_collapse or recovery.enabled):
+            stopped_by = "collapse"  # with recovery on: none left, or no healthy state to return to
+            break
+        if out_of_time:
+            stopped_by = "time_budget"
             break
 
-    summary = {
-        "status": status,
-        "iterations": state.iteration,
-        "images_seen": state.images_seen,
-        "wall_time_s": time.perf_counter() - started,
-        "collapsed": state.collapse.first is not None,
-        "collapse": state.collapse.first,
-        "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        "final_response_distance": outputs.recent_mean("response_distance"),
-        **info,
-    }
+    summary = {**_outcome(config, state, stopped_by, recovery, store), "iterations": state.iteration,
+               "images_seen": state.images_seen, "wall_time_s": time.perf_counter() - started,
+               "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+               "final_response_distance": outputs.recent_mean("response_distance"), **info}
     summary = outputs.finish(summary, samples, data.reference, store.final_checkpoint())
-    if status == "diverged":
-        raise TrainingDiverged.at(state.iteration, store.latest())
+    if summary["status"] == "diverged":
+        raise TrainingDiverged(summary["message"])
     return summary
 
+
+def _describe(state: RunState, data, response: ResponseDistance, ctx) -> dict:
+    """What runs where, for the log, MLflow and the summary."""
+    return {
+        "algorithm": state.algorithm.name,
+        "energy": type(state.train.energy).__name__,
+        "filter_bank": getattr(getattr(state.train.energy, "bank", None), "kind", None),
+        "response_bank": response.kind,
+        "data": data.name,
+        "device": str(ctx.device),
+        "world_size": ctx.world_size,
+    }
+
+
+def _outcome(config: RunConfig, state: RunState, stopped_by: str, recovery: Recovery, store: CheckpointStore) -> dict:
+    """How a run ended, for its summary: status; stopped_by ("iterations", "time_budget",
+    "collapse" or "divergence"); the collapse of its last stretch (since its last rollback) and
+    the recoveries (recovery.py's records); the δ and λ in use ("effective", the config's times
+    the recoveries' factors); and, for a run that did not complete, a message naming what to change."""
+    status = ("diverged" if stopped_by == "divergence"
+              else "collapsed" if state.collapse.first is not None else "completed")
+    knobs = state.knobs()
+    outcome = {"status": status, "stopped_by": stopped_by, "collapsed": state.collapse.first is not None,
+               "collapse": state.collapse.first, "recoveries": state.recoveries,
+               "effective": {"langevin.step_size": knobs["step_size"], "optim.lr": knobs["lr"]}}
+    if status == "collapsed":
+        outcome["message"] = collapse_message(config, state, stopped=stopped_by == "collapse", recovery=recovery)
+    elif status == "diverged":
+        outcome["message"] = str(TrainingDiverged.at(state.iteration, store.latest()))
+    return outcome

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .checkpoint import checkpoint_name, read_checkpoint
+from .checkpoint import read_checkpoint
 from .config import ConfigError, RunConfig
 from .train_loop import train
 
@@ -48,8 +48,8 @@ class RayCheckpointStore:
         self._restored = tempfile.TemporaryDirectory(prefix="debm-restore-")
         return Path(checkpoint.to_directory(self._restored.name))
 
-    def save(self, iteration: int, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
-        """Write this rank's files into a temporary folder and report it with the metrics."""
+    def save(self, name: str, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
+        """Write this rank's files into a temporary folder and report it, as `name`, with the metrics."""
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="debm-ckpt-") as directory:
@@ -57,7 +57,7 @@ class RayCheckpointStore:
             ray.train.report(
                 _plain_metrics(metrics),
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=checkpoint_name(iteration),
+                checkpoint_dir_name=name,
             )
 
     def final_checkpoint(self) -> Path | None:

@@ -33,6 +33,7 @@ from distributed_ebm.train_loop import train
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
+NEW_COLUMNS = ("step_size", "lr", "recovery")  # metrics added since: δ and λ in use, recoveries so far
 
 
 def _close(actual: torch.Tensor, expected: list[float]) -> None:
@@ -62,8 +63,10 @@ def test_an_old_checkpoint_resumes_one_more_iteration_as_before(tmp_path, name):
     assert summary["iterations"] == 3 and summary["status"] == "completed"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [3]  # the fixture holds no metrics: only the resumed one
-    row = {k: v for k, v in rows[-1].items() if k != "seconds"}
+    row = {k: v for k, v in rows[-1].items() if k not in ("seconds", *NEW_COLUMNS)}
     assert row.keys() == EXPECTED[name]["resumed_row"].keys()
+    assert (rows[-1]["step_size"], rows[-1]["lr"], rows[-1]["recovery"]) == (
+        config.langevin.step_size, config.optim.lr, 0)  # no recoveries: the config's δ and λ
     for key, value in EXPECTED[name]["resumed_row"].items():
         if isinstance(value, float):
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -47,3 +47,13 @@ def test_warmup_ignores_early_divergence_and_state_round_trips():
     clone = CollapseDetector(det.config)
     clone.load_state_dict(det.state_dict())
     assert clone.update(5, _row()) == det.update(5, _row())
+
+
+def test_healthy_only_while_no_condition_is_building():
+    """A recovery returns only to a state saved while every condition's streak was zero."""
+    detector = CollapseDetector(CollapseConfig(warmup=5, patience=3, ema=0.5))
+    assert detector.healthy
+    detector.update(1, _row(chain_sat=0.95, data_sat=0.6))  # saturated, for 1 < patience iterations
+    assert not detector.healthy and detector.first is None
+    detector.update(2, _row())
+    assert detector.healthy

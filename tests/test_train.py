@@ -113,3 +113,30 @@ def test_resume_after_a_device_change_reseeds_only_the_moved_stream(tmp_path, ti
     assert "Random stream 'chains' cannot continue" in caplog.text and "another device" in caplog.text
     assert "'data'" not in caplog.text
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_collapse_without_recovery_ends_the_run_collapsed(tmp_path, tiny_overrides, capsys):
+    """δ = 10 saturates the chains at once; with collapse.stop_on_collapse off the run trains on,
+    and ends `collapsed`, not `completed`."""
+    run = tmp_path / "run"
+    saturate = {**tiny_overrides, "langevin.step_size": 10.0, "collapse.patience": 2}
+    assert main(["train", "--run-dir", str(run), *_sets(saturate)]) == 0  # a result, not an error
+    out, err = capsys.readouterr()
+    assert "collapsed: 6 iterations" in out and "collapse: saturated at iteration 2" in out
+    assert "Set collapse.max_recoveries" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["stopped_by"], summary["recoveries"]) == ("collapsed", "iterations", [])
+    assert "trained on to iteration 6 without recovering" in summary["message"]
+
+
+def test_time_budget_stops_with_a_checkpoint(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    budget = {**tiny_overrides, "train.iterations": 1000000, "train.time_budget_s": 1e-6}
+    assert main(["train", "--run-dir", str(run), *_sets(budget)]) == 0
+    assert "completed (train.time_budget_s ran out): 1 iterations" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["stopped_by"], summary["iterations"]) == ("completed", "time_budget", 1)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["iter-00000001"]
+    assert main(["train", "--run-dir", str(run), *_sets({**budget, "train.time_budget_s": 1e6}),
+                 "--set", "train.iterations=3", "--resume"]) == 0  # the budget counts this process's time
+    assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]

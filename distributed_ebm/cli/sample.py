@@ -32,10 +32,13 @@ def run(args: argparse.Namespace) -> int:
     samples = model.sample(args.num, steps=args.steps, seed=args.seed, from_bank=args.from_bank, label=args.label)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    source = "bank" if args.from_bank else f"fresh samples ({model.config.model.algorithm}, steps={args.steps or 'default'})"
+    source = "bank" if args.from_bank else (
+        f"fresh samples ({model.config.model.algorithm}, steps={args.steps or 'default'}, "
+        f"{model.weights_description})"
+    )
     labels = model.labels_for(args.num, args.label)
     extra = {} if labels is None else {"y": labels.cpu().numpy()}
-    np.savez(out, x=samples.numpy(), source=source, iteration=model.iteration, **extra)
+    np.savez(out, x=samples.numpy(), source=source, iteration=model.iteration, weights=model.weights, **extra)
     if args.png:
         save_sample_png(samples, args.png)
     print(f"{len(samples)} samples ({source}) from iteration {model.iteration} written to {out}")

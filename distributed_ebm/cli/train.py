@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`debm train`: train, then print a one-line summary (and where to look at the MLflow run)."""
+    """`debm train`: train, then print a one-line summary (and where to look at the MLflow run).
+
+    Exit status 0 when the run completed or collapsed (its summary says which, and for a
+    collapsed run what to change, also printed to stderr); a divergence raises TrainingDiverged,
+    which `debm` turns into exit status 1."""
     config = load_config(args.config, parse_overrides(args.set + (["tracking.enabled=false"] if args.no_mlflow else [])))
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
@@ -47,13 +52,19 @@ def run(args: argparse.Namespace) -> int:
         from ..train_loop import train
 
         summary = train(config, run_dir, resume=args.resume)
-    collapse = summary["collapse"]
+    collapse, recoveries = summary["collapse"], summary.get("recoveries", [])
     print(
-        f"{summary['status']}: {summary['iterations']} iterations, {summary['images_seen']} images seen in "
+        f"{summary['status']}{' (train.time_budget_s ran out)' if summary.get('stopped_by') == 'time_budget' else ''}: "
+        f"{summary['iterations']} iterations, {summary['images_seen']} images seen in "
         f"{summary['wall_time_s']:.1f}s; final R {summary['final_response_distance']:.4g}; "
         f"collapse: {'none' if collapse is None else collapse['reason'] + ' at iteration ' + str(collapse['iteration'])}; "
-        f"run directory {run_dir}"
+        + (f"{len(recoveries)} recover{'y' if len(recoveries) == 1 else 'ies'} (δ now "
+           f"{summary['effective']['langevin.step_size']:.4g}, λ {summary['effective']['optim.lr']:.4g}); "
+           if recoveries else "")
+        + f"run directory {run_dir}"
     )
+    if summary["status"] == "collapsed":  # a result, not an error: exit status 0, as for completed runs
+        print(f"debm: {summary['message']}", file=sys.stderr)
     if summary.get("mlflow_run_id"):
         uri = summary["mlflow_uri"]
         print(f"MLflow: run {summary['mlflow_run_id']} (experiment {summary['mlflow_experiment_id']}) at {uri}"

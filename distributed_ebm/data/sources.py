@@ -157,13 +157,16 @@ def _npz(config: DataConfig) -> ImageData:
     path = _existing(config.path, "npz", "a .npz file with an image array under key 'x'")
     with np.load(path) as archive:
         keys = set(archive.files)
-        x_key = next((k for k in ("x", "x_train") if k in keys), None)
+        if config.split not in ("train", "test"):
+            raise ConfigError(f"data.split must be 'train' or 'test', got {config.split!r}.")
+        wanted = ("x", "x_train") if config.split == "train" else ("x_test",)
+        x_key = next((k for k in wanted if k in keys), None)
         if x_key is None:
             raise ConfigError(
-                f"'{path}' has keys {sorted(keys)} but no 'x': store the images under key 'x' "
-                "(and integer labels under 'y')."
+                f"'{path}' has keys {sorted(keys)} but no {' or '.join(repr(k) for k in wanted)}: store the "
+                f"{config.split} images under that key (and integer labels under 'y', 'y_train' or 'y_test')."
             )
-        y_key = {"x": "y", "x_train": "y_train"}[x_key]
+        y_key = {"x": "y", "x_train": "y_train", "x_test": "y_test"}[x_key]
         x = to_nchw(archive[x_key], f"'{path}' key '{x_key}'")
         y = torch.from_numpy(archive[y_key].astype(np.int64)) if y_key in keys else None
     if y is not None and len(y) != len(x):

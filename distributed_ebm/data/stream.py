@@ -320,6 +320,7 @@ class StreamingData:
         states = [s for s in states if s]
         if not states:
             return
+        self._iterator = None  # a reader already running (a collapse recovery's rollback) restarts there
         state = states[min(rank, len(states) - 1)]
         same = (len(states) == self.world_size and state["world_size"] == self.world_size
                 and state["loader_workers"] == self.config.loader_workers

@@ -91,6 +91,11 @@ class CollapseDetector:
             "collapse_energy_gap": self.gap_ema if self.gap_ema is not None else 0.0,
         }
 
+    @property
+    def healthy(self) -> bool:
+        """No condition is building up (every streak is zero): a state a recovery may return to."""
+        return not any(self.streaks.values())
+
     def state_dict(self) -> dict:
         return {
             "r_ema": self.r_ema,

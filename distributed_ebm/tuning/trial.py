@@ -6,7 +6,10 @@ Every trial is one training run in `OUT/trials/TRIAL_ID`: `train` in the trial's
 whose reports reach Tune through Ray's `TuneReportCallback`. A trial reports every
 `report_every` iterations (a report costs ~1.7 s here) and once at its end. A trial that
 collapses (metrics/collapse.py) stops itself (`collapse.stop_on_collapse`) and is marked
-collapsed; it reports a stand-in worst value so that no searcher or scheduler prefers it.
+collapsed; it reports a stand-in worst value so that no searcher or scheduler prefers it. A trial
+whose config allows recoveries (`collapse.max_recoveries` > 0) rolls back and goes on instead,
+like any run (recovery.py): the iteration that collapsed is not reported, and only a collapse
+with no recovery left stops and marks it.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class TrialReporter:
 
         checkpoint = None
         if self.checkpoints:
-            directory = Path(self.checkpoints) / checkpoint_name(iteration)
+            directory = Path(self.checkpoints) / checkpoint_name(iteration, int(metrics.get("recovery", 0)))
             checkpoint = ray.tune.Checkpoint.from_directory(str(directory))
         ray.tune.report(result, checkpoint=checkpoint)
 
