@@ -64,7 +64,7 @@ def time_it(fn, iterations: int, warmup: int = 5) -> float:
 
 
 def overhead(preset: str, iterations: int) -> dict:
-    config = load_config(ROOT / preset, {"tracking.enabled": False})
+    config = load_config(ROOT / preset, {"tracking.enabled": False, "train.device": "cpu"})  # CPU: no CUDA in the parent before the fork below
     data = load_dataset(config.data)
     algo = ALGORITHMS[config.model.algorithm]
     state = algo.build(config, data.sample_shape, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
@@ -99,7 +99,7 @@ def overhead(preset: str, iterations: int) -> dict:
 def _worker(rank: int, world: int, init: str, preset: str, iterations: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    config = load_config(ROOT / preset, {"tracking.enabled": False, "train.iterations": iterations,
+    config = load_config(ROOT / preset, {"tracking.enabled": False, "train.device": "cpu", "train.iterations": iterations,
                                          "train.sample_every": 10**6, "train.checkpoint_every": 10**6})
     train(config, out, progress=False)
     dist.destroy_process_group()

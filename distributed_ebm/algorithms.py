@@ -428,7 +428,9 @@ class MultiGridAlgorithm:
                    generator: torch.Generator, iteration: int = 0) -> StepOutput:
         cfg = state.config
         energies = list(state.models["grids"])
-        syn_labels = labels[: cfg.chains.batch_size] if state.meta["num_classes"] else None
+        # The chains' classes are the data batch's, cycled when the chains outnumber the images.
+        syn_labels = (labels[torch.arange(cfg.chains.batch_size, device=labels.device) % len(labels)]
+                      if state.meta["num_classes"] else None)
 
         def sample(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
             return state.sampler(energy.score_fn(syn_labels), x0, generator=generator)

@@ -436,14 +436,22 @@ def answer(jobs: list[Job]) -> list[dict]:
     return records
 
 
+SERVE_DEVICE_VARIABLE = "DEBM_SERVE_DEVICE"  # the device a served model samples on ("cpu", "cuda", "auto")
+
+
 class EBMModel(mlflow.pyfunc.PythonModel):
     """A FRAME-family model served from its checkpoint bundle (`self.model`: the TrainedModel)."""
 
     def load_context(self, context):
+        import os
+
         from .inference import load_run
 
+        # `debm serve --device` sets DEBM_SERVE_DEVICE for the scoring server; default: the GPU
+        # where torch sees one, else the CPU.
         self.model = load_run(
-            context.artifacts["checkpoint"], checkpoint=context.artifacts["checkpoint"]
+            context.artifacts["checkpoint"], checkpoint=context.artifacts["checkpoint"],
+            device=os.environ.get(SERVE_DEVICE_VARIABLE, "auto"),
         )
 
     def predict(self, context, model_input, params=None):

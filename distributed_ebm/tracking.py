@@ -218,14 +218,20 @@ def describe_model(model_uri: str, tracking_uri: str, *,
     return described, list(flavors)
 
 
-def load_trained_model(model_uri: str, tracking_uri: str):
+def load_trained_model(model_uri: str, tracking_uri: str, device: str = "cpu"):
     """The TrainedModel inside the pyfunc model `model_uri` (a `models:/` URI resolves in the
-    store at `tracking_uri`)."""
+    store at `tracking_uri`), on `device`."""
     import mlflow.pyfunc
+
+    from .distributed import resolve_device
+    from .inference import load_run
 
     with fluent_tracking_uri(tracking_uri):
         pyfunc = mlflow.pyfunc.load_model(model_uri)
-    return pyfunc.unwrap_python_model().model
+    model = pyfunc.unwrap_python_model().model
+    if model.device != resolve_device(device):  # rebuilt from its checkpoint on the asked device
+        model = load_run(model.checkpoint, checkpoint=model.checkpoint, device=device, ema=model.weights == "ema")
+    return model
 
 
 # --- evaluation reports (debm evaluate) ------------------------------------------------------

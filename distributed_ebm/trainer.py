@@ -93,6 +93,34 @@ def worker_config(config: RunConfig, run_dir: Path, *, progress: bool = True,
             "on_iteration": list(on_iteration)}
 
 
+def check_gpu_request(device: str, workers: int, gpus_per_worker: float, cluster_gpus: float | None = None) -> str:
+    """The device each worker trains on, or a ConfigError naming the fix for a request that
+    cannot work: fractional GPUs with NCCL, `train.device` contradicting --gpus-per-worker, or
+    more GPUs than the cluster has (Ray would wait for them forever). `cluster_gpus`: the GPUs of
+    a fixed (local) cluster; None for one that can grow (an autoscaler adds nodes).
+
+    With `train.device: auto`, workers that asked for no GPU train on the CPU: Ray 2.60 no longer
+    hides GPUs from such actors, and every worker would otherwise pile onto GPU 0."""
+    if gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker must be ≥ 0, got {gpus_per_worker}.")
+    if 0 < gpus_per_worker < 1 or gpus_per_worker != int(gpus_per_worker):
+        raise ConfigError(
+            f"--gpus-per-worker {gpus_per_worker}: each worker needs whole GPUs (NCCL refuses two ranks on one "
+            "GPU, and one worker drives one device). Use --gpus-per-worker 1, or 0 for CPU workers (gloo).")
+    if gpus_per_worker > 0 and device == "cpu":
+        raise ConfigError(f"train.device is 'cpu' but --gpus-per-worker is {gpus_per_worker:g}: drop "
+                          "--gpus-per-worker to train on CPUs, or set train.device to auto or cuda.")
+    if gpus_per_worker == 0 and device == "cuda":
+        raise ConfigError("train.device is 'cuda' but the workers ask Ray for no GPU: add --gpus-per-worker 1 "
+                          "(Ray then gives each worker its own GPU), or set train.device to auto or cpu.")
+    wanted = workers * gpus_per_worker
+    if cluster_gpus is not None and wanted > cluster_gpus:
+        raise ConfigError(f"{workers} workers × {gpus_per_worker:g} GPU need {wanted:g} GPUs; this Ray cluster has "
+                          f"{cluster_gpus:g}. Lower --workers or --gpus-per-worker, or join a cluster with more "
+                          "GPUs (--address).")
+    return "cuda" if gpus_per_worker > 0 else "cpu"
+
+
 def fit_workers(
     worker_fn: Callable[[dict], None],
     loop_config: dict,
@@ -193,11 +221,20 @@ def train_distributed(
     storage = storage or str(run_dir / "ray")
     if "://" not in storage and not Path(storage).is_absolute():
         raise ConfigError(f"--storage '{storage}' must be an absolute path or a URI (s3://…, gs://…): workers change directory.")
+    check_gpu_request(config.train.device, workers, gpus_per_worker)
     config = _check_before_workers(config, workers)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  **({} if address else {"num_cpus": max(workers, 1)}))
+    local_gpus = None if address else float(ray.cluster_resources().get("GPU", 0))
+    try:
+        device = check_gpu_request(config.train.device, workers, gpus_per_worker, local_gpus)
+    except ConfigError:
+        if started_ray:
+            ray.shutdown()
+        raise
+    config = config.replace({"train.device": device})  # what each worker trains on
     cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers) if not address else 1
     try:
         result = fit_workers(

@@ -57,7 +57,7 @@ timeout 100 $PY benchmarks/training.py --device cuda --rgb32 --iterations 40 --s
     --json "$out/training.json" 2>&1 | grep -v "it/s" | tee "$out/training.md" | tail -12
 
 {
-    echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"
+    echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes')"
     echo
     echo "- GPU: $(cat "$out/gpu.txt")"
     echo "- set-up: $setup"
@@ -72,7 +72,9 @@ timeout 100 $PY benchmarks/training.py --device cuda --rgb32 --iterations 40 --s
     echo
     echo "## Langevin (benchmarks/langevin.py --device cuda --chains 256 --steps 50)"
     echo
-    grep -E "^\||^#" "$out/langevin.md"
+    echo '```'
+    grep -v -i -E "warn" "$out/langevin.md"
+    echo '```'
     echo
     echo "## Training (benchmarks/training.py --device cuda --rgb32, 256 chains, channels 64-128-256)"
     echo

@@ -9,9 +9,10 @@ from distributed_ebm.inference import load_run
 from distributed_ebm.train_loop import train
 from tests.test_train import CONFIGS
 
-# Measured: 150 iterations (24 s here) give 0.55 agreement on fresh samples (0.85 on the bank);
-# chance is 0.10. The bar leaves room for platform differences in float summation.
-AGREEMENT_BAR = 0.35
+# Measured: 150 iterations (24 s here) give 0.695 agreement on fresh samples (0.55 before fresh
+# samples and collapse handling were reworked; chance is 0.10). The bar is the measured value
+# minus a margin for platform differences in float summation.
+AGREEMENT_BAR = 0.6
 
 
 def test_conditional_samples_are_classified_as_their_label(tmp_path):

@@ -1,6 +1,7 @@
 """Distributed semantics: the N-worker update equals the single-process update on the global batch."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -112,3 +113,23 @@ def test_resume_on_more_workers_resplits_every_chain(tmp_path, preset, bank):
     ids = sorted(int(i) for r in after for i in r["banks"][bank]["ids"])
     assert ids == sorted(states) == list(range(12))
     assert [len(r["banks"][bank]["ids"]) for r in after] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("device,workers,gpus,cluster,expected", [
+    ("auto", 2, 0, None, "cpu"),  # no GPU asked: CPU workers, not all on GPU 0
+    ("auto", 2, 1, 4, "cuda"),
+    ("cuda", 1, 1, None, "cuda"),
+    ("auto", 2, 0.5, None, "whole GPUs"),
+    ("cpu", 2, 1, None, "train.device is 'cpu'"),
+    ("cuda", 2, 0, None, "--gpus-per-worker 1"),
+    ("auto", 4, 1, 2, "need 4 GPUs; this Ray cluster has 2"),
+])
+def test_gpu_requests_are_pinned_or_refused_before_any_worker(device, workers, gpus, cluster, expected):
+    from distributed_ebm.config import ConfigError
+    from distributed_ebm.trainer import check_gpu_request
+
+    if expected in ("cpu", "cuda"):
+        assert check_gpu_request(device, workers, gpus, cluster) == expected
+    else:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            check_gpu_request(device, workers, gpus, cluster)

@@ -158,7 +158,7 @@ def _load_model(args: argparse.Namespace) -> TrainedModel:
     store training registers into: MLFLOW_TRACKING_URI, else ./mlflow.db)."""
     if not args.model:
         return load_run(args.run_dir, device=args.device)
-    return tracking.load_trained_model(args.model, tracking.resolve_tracking_uri(TrackingConfig()))
+    return tracking.load_trained_model(args.model, tracking.resolve_tracking_uri(TrackingConfig()), args.device)
 
 
 def _print_summary(report: dict, out: Path) -> None:

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="server processes, each holding the model"
     )
     serve.add_argument("--timeout", type=int, default=60, help="seconds one request may take")
+    serve.add_argument("--device", default="auto",
+                       help="device the model samples on: auto (the GPU where torch sees one), cpu or cuda")
     serve.add_argument(
         "--tracking-uri",
         help="MLflow tracking/registry URI; default as for debm train: MLFLOW_TRACKING_URI, "
@@ -92,9 +94,11 @@ def server_command(
     return serve + [str(item) for option in options.items() for item in option]
 
 
-def start_server(command: list[str], tracking_uri: str, **popen) -> subprocess.Popen:
+def start_server(command: list[str], tracking_uri: str, device: str = "auto", **popen) -> subprocess.Popen:
     """Start the scoring server in its own process group (so that stop_server ends all of it)."""
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri)
+    from ..serving import SERVE_DEVICE_VARIABLE
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **{SERVE_DEVICE_VARIABLE: device})
     # MLflow starts `uvicorn` by name: put this environment's scripts first on PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return subprocess.Popen(command, env=env, start_new_session=True, **popen)
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     command = server_command(
         args.model, host=args.host, port=args.port, workers=args.workers, timeout=args.timeout
     )
-    process = start_server(command, tracking_uri)
+    process = start_server(command, tracking_uri, args.device)
     # The server runs in its own process group: turn SIGTERM into SystemExit so `finally` stops it.
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # 0.0.0.0 / :: bind every interface; a client on this machine reaches them at the loopback.

@@ -163,6 +163,8 @@ def _fit(space: SearchSpace, base: RunConfig, name: str, trials: int, out_dir: P
     # A Ray Train trial's driver only waits on its workers, which hold the trial's CPUs: it asks
     # for no CPU (Tune refuses an empty request, hence some memory).
     resources = {"cpu": 1} if workers == 0 else {"cpu": 0, "memory": DRIVER_MEMORY}
+    if workers == 0 and gpus_per_worker > 0:
+        resources["gpu"] = gpus_per_worker  # a trial that trains in its own process gets the GPU it asks for
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrent = space.max_concurrent or max(1, cpus // max(workers, 1))
     images_per_iteration = base.train.data_batch_size * max(workers, 1)

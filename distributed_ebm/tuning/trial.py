@@ -23,7 +23,14 @@ from pathlib import Path
 from ..checkpoint import SHARED_FILE, checkpoint_name
 from ..config import RunConfig
 from ..train_loop import TrainingDiverged, train
-from ..trainer import copy_final_checkpoint, fit_workers, ray_worker, read_summary, worker_config
+from ..trainer import (
+    check_gpu_request,
+    copy_final_checkpoint,
+    fit_workers,
+    ray_worker,
+    read_summary,
+    worker_config,
+)
 from .space import SMOOTHED_R, SMOOTHING
 
 # What a collapsed trial reports (negated when maximising): finite, because ASHA interpolates
@@ -114,7 +121,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
                              "tune" if setup.workers == 0 else "train",
                              str(run_dir / "checkpoints") if setup.checkpoints else None,
                              worst=WORST if setup.mode == "min" else -WORST, metric=setup.metric)
-    if setup.workers == 0:
+    if setup.workers == 0:  # the trial's own process, on the GPU Tune gave it or on the CPU
+        config = config.replace({"train.device": check_gpu_request(config.train.device, 1, setup.gpus_per_worker)})
         summary = _train_here(config, run_dir, reporter, resume)
     else:
         summary = _train_with_ray_train(config, run_dir, reporter, setup)
@@ -146,6 +154,8 @@ def _train_with_ray_train(config: RunConfig, run_dir: Path, reporter: TrialRepor
                           setup: TrialSetup) -> dict:
     """Ray Train with `setup.workers` workers driven from this trial (Train V2 inside Tune); each
     worker calls its copy of the trial's reporter."""
+    device = check_gpu_request(config.train.device, setup.workers, setup.gpus_per_worker)
+    config = config.replace({"train.device": device})  # workers without GPUs train on the CPU
     loop_config = worker_config(config, run_dir, progress=False, on_iteration=[reporter])
     try:
         result = fit_workers(ray_worker, loop_config, workers=setup.workers,
