@@ -69,7 +69,7 @@ class Scorer:
         self.test_data = load_dataset(self.test_cfg)
         self.settings = EvalSettings(num_samples=args.num, num_real=args.num, seed=args.seed,
                                      classifier_epochs=args.classifier_epochs, kid_subsets=args.kid_subsets,
-                                     cache_dir=args.cache_dir)
+                                     cache_dir=args.cache_dir, device=args.device)
         self.network = feature_network(self.train_data, self.train_cfg, self.settings)
 
     def score(self, fake: torch.Tensor, what: str, num_real: int) -> dict:
