@@ -2,7 +2,8 @@
 
 An algorithm builds a `TrainState` (networks, optimisers, chain and latent banks) and advances it
 by one learning iteration. It composes the pure pieces (langevin, losses) and owns no loop, no
-files and no rank logic: the gradient all-reduce is a callable the training loop hands in.
+files and no rank logic: the gradient all-reduce is a callable the training loop hands in; each
+worker's share of the global batch and the global-batch metrics come from distributed.py.
 
 - FRAME / wFRAME / GCN / wGCN (`EBMAlgorithm`): persistent chains, MLE (+ JKO penalty).
 - MGCN / wMGCN (`MultiGridAlgorithm`): one energy per grid, chains passed coarse to fine.
@@ -21,7 +22,7 @@ from torch import nn
 
 from .chains import ChainBank
 from .config import ChainConfig, ConfigError, LangevinConfig, OptimConfig, RunConfig
-from .distributed import shared_generator
+from .distributed import all_reduce_sum, batch_shares, shared_generator
 from .ema import ema_copy, update_ema
 from .energy import Energy, build_energy
 from .generator import Generator, build_generator
@@ -167,19 +168,10 @@ class EnergyLoss:
     terms: dict[str, float]  # loss_mle (+ penalty_prev, penalty_syn, gamma with JKO; loss_l2 with α > 0)
 
 
-def energy_loss(
-    energy: Energy,
-    data: torch.Tensor,
-    data_labels: torch.Tensor | None,
-    x_prev: torch.Tensor,
-    x_syn: torch.Tensor,
-    syn_labels: torch.Tensor | None,
-    *,
-    gamma: torch.Tensor | float | None = None,
-    jko_weight: float = 0.0,
-    penalty_params: str = "theta",
-    energy_l2: float = 0.0,
-) -> EnergyLoss:
+def energy_loss(energy: Energy, data: torch.Tensor, data_labels: torch.Tensor | None, x_prev: torch.Tensor,
+                x_syn: torch.Tensor, syn_labels: torch.Tensor | None, *, gamma: torch.Tensor | float | None = None,
+                jko_weight: float = 0.0, penalty_params: str = "theta", energy_l2: float = 0.0,
+                shares: tuple[float, float] = (1.0, 1.0)) -> EnergyLoss:
     """L_mle, or with `gamma` given L_w = L_mle + (β/2)((1 − γ) P(x_prev) + γ P(x_syn)); plus
     α (mean Φ(y)² + mean Φ(x_syn)²) with `energy_l2` = α > 0.
 
@@ -188,53 +180,58 @@ def energy_loss(
         jko_weight: β, the weight of the JKO time piece.
         penalty_params: which parameters the penalty's gradient reaches, "theta" or "all".
         energy_l2: α, the weight of the energy-magnitude penalty (Du & Mordatch 2019); 0: off.
+        shares: `distributed.batch_shares` of the data and the chains (1, 1 in one process): each
+            mean over data (chains) is weighted by its share, this worker's part of the global mean.
     """
+    data_share, chain_share = shares
     phi_data = energy(data, data_labels) if data_labels is not None else energy(data)
     phi_syn = energy(x_syn, syn_labels) if syn_labels is not None else energy(x_syn)
-    loss = mle_loss(phi_data, phi_syn)
+    loss = mle_loss(data_share * phi_data, chain_share * phi_syn)  # the means are linear in Φ
     terms: dict[str, float] = {"loss_mle": float(loss.detach())}
-    if energy_l2:
-        l2 = energy_l2_loss(phi_data, phi_syn, weight=energy_l2)
+    if energy_l2:  # mean (√s·Φ)² = s·mean Φ²
+        l2 = energy_l2_loss(data_share**0.5 * phi_data, chain_share**0.5 * phi_syn, weight=energy_l2)
         loss = loss + l2
         terms["loss_l2"] = float(l2.detach())
     if gamma is not None:
         score = energy.score_reaching(penalty_params, syn_labels)
-        penalty_prev, penalty_syn = score_grad_penalty(score, x_prev), score_grad_penalty(score, x_syn)
+        penalty_prev, penalty_syn = (chain_share * score_grad_penalty(score, x) for x in (x_prev, x_syn))
         loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=jko_weight, gamma=gamma)
         terms.update(penalty_prev=float(penalty_prev.detach()), penalty_syn=float(penalty_syn.detach()),
                      gamma=float(gamma))
     return EnergyLoss(loss, phi_data.detach(), phi_syn.detach(), terms)
 
 
-def energy_diagnostics(result: EnergyLoss, data: torch.Tensor, x_syn: torch.Tensor, *,
-                       ref_sigma: float) -> dict[str, float]:
+def energy_diagnostics(result: EnergyLoss, data: torch.Tensor, x_syn: torch.Tensor, *, ref_sigma: float,
+                       shares: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
     """The loss, mean Φ and U on data and chains, and what the collapse detector watches:
-    the energy gap, chain and data saturation, and whether anything became NaN/Inf."""
-    phi_data, phi_syn = result.phi_data, result.phi_syn
+    the energy gap, chain and data saturation, and whether anything became NaN/Inf. Means are
+    weighted by their `shares` (`energy_loss`), so that the group's average is the global batch's;
+    the energy gap is the global batch's."""
+    (data_share, chain_share), phi_data, phi_syn = shares, result.phi_data, result.phi_syn
     return {
         "loss": float(result.loss.detach()),
-        "phi_data": float(phi_data.mean()),
-        "phi_chains": float(phi_syn.mean()),
-        "energy_data": float(energy_u(phi_data, data, ref_sigma=ref_sigma).mean()),
-        "energy_chains": float(energy_u(phi_syn, x_syn, ref_sigma=ref_sigma).mean()),
-        "energy_gap_z": energy_gap_z(phi_data, phi_syn),
-        "chain_saturation": saturation(x_syn),
-        "data_saturation": saturation(data),
+        "phi_data": data_share * float(phi_data.mean()),
+        "phi_chains": chain_share * float(phi_syn.mean()),
+        "energy_data": data_share * float(energy_u(phi_data, data, ref_sigma=ref_sigma).mean()),
+        "energy_chains": chain_share * float(energy_u(phi_syn, x_syn, ref_sigma=ref_sigma).mean()),
+        "energy_gap_z": energy_gap_z(phi_data, phi_syn, sum_over_group=all_reduce_sum),
+        "chain_saturation": chain_share * saturation(x_syn),
+        "data_saturation": data_share * saturation(data),
         "nonfinite": float(not bool(torch.isfinite(x_syn).all() and torch.isfinite(result.loss))),
     }
 
 
 def energy_objective(state: TrainState, energy: Energy, data: torch.Tensor, data_labels: torch.Tensor | None,
                      x_prev: torch.Tensor, x_syn: torch.Tensor, syn_labels: torch.Tensor | None, *,
-                     jko: bool, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+                     jko: bool, iteration: int, shares: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float]]:
     """The run's energy loss (L_w with the config's β and this iteration's γ when `jko`) and its
-    metrics."""
+    metrics; `shares`: the data's and the chains' `batch_shares`."""
     cfg = state.config
     gamma = jko_gamma(cfg.train.seed, iteration, x_syn.device) if jko else None
     result = energy_loss(energy, data, data_labels, x_prev, x_syn, syn_labels, gamma=gamma,
                          jko_weight=cfg.model.jko_weight, penalty_params=cfg.model.penalty_params,
-                         energy_l2=cfg.model.energy_l2)
-    metrics = {**result.terms, **energy_diagnostics(result, data, x_syn, ref_sigma=cfg.langevin.ref_sigma)}
+                         energy_l2=cfg.model.energy_l2, shares=shares)
+    metrics = {**result.terms, **energy_diagnostics(result, data, x_syn, ref_sigma=cfg.langevin.ref_sigma, shares=shares)}
     return result.loss, metrics
 
 
@@ -338,7 +335,8 @@ class EBMAlgorithm:
         bank.write(index, x_syn)
         data_labels = labels if syn_labels is not None else None
         loss, metrics = energy_objective(state, energy, data, data_labels, x_prev, x_syn, syn_labels,
-                                         jko=self.jko, iteration=iteration)
+                                         jko=self.jko, iteration=iteration,
+                                         shares=batch_shares([len(data), len(x_syn)], x_syn.device))
         metrics.update(energy_step(state, energy, loss))
         return StepOutput(metrics, x_syn)
 
@@ -438,11 +436,12 @@ class MultiGridAlgorithm:
         chains = multigrid_chains(energies, self.first_grid(state, cfg.chains.batch_size), cfg.model.grid_sizes,
                                   upsample=cfg.model.upsample, sample=sample)
         total, metrics = 0.0, {}
+        shares = batch_shares([len(data), cfg.chains.batch_size], data.device)
         for energy, size, (start, final) in zip(energies, cfg.model.grid_sizes, chains):
             data_labels = labels if syn_labels is not None else None
             loss, grid_metrics = energy_objective(state, energy, resample(data, size, cfg.model.upsample),
                                                   data_labels, start, final, syn_labels, jko=self.jko,
-                                                  iteration=iteration)
+                                                  iteration=iteration, shares=shares)
             total = total + loss
             metrics.update({f"grid{size}_{k}": v for k, v in grid_metrics.items() if k in ("loss", "phi_data", "phi_chains")})
             metrics.update(grid_metrics)  # the finest grid's metrics stay under the plain names
@@ -535,10 +534,11 @@ class GGCNAlgorithm:
             x = gen_net(z, syn_labels)
         x_hat = state.sampler(energy.score_fn(syn_labels), x, generator=generator)
         data_labels = labels if syn_labels is not None else None
+        shares = batch_shares([len(data), len(z)], z.device)
         loss, metrics = energy_objective(state, energy, data, data_labels, x, x_hat, syn_labels, jko=self.jko,
-                                         iteration=iteration)
+                                         iteration=iteration, shares=shares)
         metrics.update(energy_step(state, energy, loss))
-        metrics["langevin_shift"] = float((x_hat - x).flatten(1).norm(dim=1).mean())
+        metrics["langevin_shift"] = shares[1] * float((x_hat - x).flatten(1).norm(dim=1).mean())
 
         if (iteration + 1) % gcfg.generator_every == 0:
             z = z.detach().requires_grad_(self.learned_latents)
@@ -549,10 +549,12 @@ class GGCNAlgorithm:
             else:
                 gen_loss = reconstruction_loss(out, x_hat)
             if self.learned_latents:
-                # ζ_i ← ζ_i − ε ∂ℓ_i/∂ζ_i with ℓ_i the sample's own loss: the gradient of the batch
-                # sum, so the step depends neither on the batch size nor on the number of workers.
+                # ζ_i ← ζ_i − ε ∂(Σ_j ℓ_j)/∂ζ_i, ℓ_j sample j's loss: not scaled by the batch size; ζ_i
+                # reaches the other ℓ_j only through the batch norm's statistics, the global batch's,
+                # so the step does not depend on the number of workers.
                 (z_grad,) = torch.autograd.grad(gen_loss * len(z), z, retain_graph=True)
                 latents.write(index, (z - gcfg.latent_lr * z_grad).detach())
+            gen_loss = shares[1] * gen_loss  # this worker's part of the global batch's mean
             # Only ξ (and ζ above) step here; the energy's .grad is cleared before its next step.
             metrics.update(optimizer_step(state, "generator", gen_loss, {"xi": list(gen_net.parameters())},
                                           cfg.optim.grad_clip))

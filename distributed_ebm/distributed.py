@@ -1,4 +1,7 @@
-"""All rank logic: rank and world size, per-rank seeding, device choice, gradient all-reduce.
+"""All rank logic: rank and world size, per-rank seeding, device choice, gradient all-reduce,
+and what makes N workers' step the step on the global batch: each worker's share of it
+(`batch_shares`), sums over the group (`all_reduce_sum`, differentiable) and the batch norm of the
+global batch (`GlobalBatchNorm2d`).
 
 Everything else in the library asks this module who it is; only rank 0 writes files outside
 checkpoints or talks to MLflow.
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,17 @@ def shared_generator(base_seed: int, iteration: int, device: torch.device | str 
     return make_generator(base_seed, -1, f"shared-{iteration}", torch.device(device))
 
 
+def group_size() -> int:
+    """The number of processes in the training group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_gradients(params: list[torch.Tensor]) -> None:
-    """Average the gradients of `params` over the group (what DDP's reducer does), in one bucket."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Average the gradients of `params` over the group (what DDP's reducer does), in one bucket.
+
+    With equal shards that is the global batch's gradient; `batch_shares` weights each worker's
+    batch means so that it stays so for unequal shards."""
+    if group_size() == 1:
         return
     grads = [p.grad for p in params]
     flat = torch.cat([g.flatten() for g in grads])
@@ -77,9 +89,82 @@ def all_reduce_gradients(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """Σ over the group, whose gradient is the sum over the group of each rank's gradient: every
+    rank's loss depends on every rank's contribution."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOverGroup.apply(grad)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the group, differentiable (`tensor` itself in one process).
+
+    Every rank must call it at the same point, and so its backward; torch.distributed.nn's
+    all_reduce does the same but is deprecated."""
+    return tensor if group_size() == 1 else _SumOverGroup.apply(tensor)
+
+
+def batch_shares(counts: list[int], device: torch.device) -> tuple[float, ...]:
+    """Each of this worker's batch sizes (`counts`, e.g. [data images, chains]) as a share of the
+    group's total, times the number of workers: 1.0 for equal shards and in one process.
+
+    A batch mean weighted by its share is the worker's part of the global batch's mean, so the
+    averaged gradients (`all_reduce_gradients`) are the global batch's, also when a re-split left
+    unequal shards (12 chains on 5 workers: 3, 3, 2, 2, 2). One all-reduce of len(counts) + 1 numbers."""
+    if group_size() == 1:
+        return (1.0,) * len(counts)
+    totals = all_reduce_sum(torch.tensor([*counts, 1], dtype=torch.float64, device=device)).tolist()
+    return tuple(count * totals[-1] / total for count, total in zip(counts, totals))
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, training in a group of several processes, normalises with the statistics
+    of the group's whole batch and updates its running statistics with them (a synchronised batch
+    norm; torch.nn.SyncBatchNorm refuses CPU tensors). In one process, or in eval mode, it is
+    BatchNorm2d bit for bit; its parameters and buffers keep BatchNorm2d's names.
+
+    Every rank must run its forward (and backward) at the same points: it all-reduces twice per
+    forward (the sums and count, then the sums of squared deviations from the global mean: two
+    passes, as accurate as one process's), and its backward as often."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or group_size() == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, 2, 3]
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        totals = all_reduce_sum(torch.cat([x.sum(dims).double(), count]))
+        n = totals[-1]
+        mean = (totals[:-1] / n).to(x.dtype)
+        centred = x - mean[None, :, None, None]
+        var = (all_reduce_sum(centred.pow(2).sum(dims).double()) / n).to(x.dtype)  # biased, as BatchNorm2d
+        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach() * (n / (n - 1)).to(x.dtype))
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """BatchNorm2d's update: momentum, or with momentum None the cumulative average."""
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased_var, alpha=factor)
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
     """Average scalar metrics over the group (identity in one process); `sum_keys` are summed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if group_size() == 1:
         return values
     keys = sorted(k for k, v in values.items() if isinstance(v, float))
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
@@ -91,7 +176,7 @@ def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tu
 
 def rank_zero_says(flag: bool, device: torch.device) -> bool:
     """Rank 0's `flag` on every rank (one broadcast), so that all ranks take rank 0's decision."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if group_size() == 1:
         return flag
     tensor = torch.tensor([float(flag)], device=device)
     dist.broadcast(tensor, src=0)

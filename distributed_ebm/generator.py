@@ -1,7 +1,9 @@
 """Generators g(ζ; ξ) for GGCN: the paper's "v0" deconvolution net and a ResNet variant.
 
 Both map a latent ζ ∈ R^d (and, for conditional models, a class label) to an image in [-1, 1]:
-the sigmoid output of v0 (Appendix B of the GGCN paper) is rescaled to the data range.
+the sigmoid output of v0 (Appendix B of the GGCN paper) is rescaled to the data range. Their batch
+norms normalise over the global batch when several workers train (`GlobalBatchNorm2d`), so that
+N workers' generator step is the one-process step on the global batch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, GeneratorConfig
+from .distributed import GlobalBatchNorm2d
 
 LEAKY_SLOPE = 0.02  # Appendix B: leaky ReLU tilt
 V0_WIDTHS = (8, 4, 4, 2, 1)  # × base_width: 512-256-256-128-64 for the paper's base of 64
@@ -64,7 +67,7 @@ class V0Generator(Generator):
             out_ch = base_width * mult
             layers += [
                 nn.ConvTranspose2d(in_ch, out_ch, kernel, stride, padding, bias=False),
-                nn.BatchNorm2d(out_ch),
+                GlobalBatchNorm2d(out_ch),
                 nn.LeakyReLU(LEAKY_SLOPE),
             ]
             in_ch = out_ch
@@ -87,8 +90,8 @@ class _ResBlockUp(nn.Module):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
         self.main = nn.Sequential(
-            nn.BatchNorm2d(in_ch), nn.LeakyReLU(LEAKY_SLOPE), nn.Upsample(scale_factor=2),
-            nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(LEAKY_SLOPE),
+            GlobalBatchNorm2d(in_ch), nn.LeakyReLU(LEAKY_SLOPE), nn.Upsample(scale_factor=2),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1), GlobalBatchNorm2d(out_ch), nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv2d(out_ch, out_ch, 3, padding=1),
         )
         self.skip = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(in_ch, out_ch, 1))
@@ -118,7 +121,7 @@ class ResNetGenerator(Generator):
         for _ in range(blocks):
             layers.append(_ResBlockUp(width, max(width // 2, base_width)))
             width = max(width // 2, base_width)
-        layers += [nn.BatchNorm2d(width), nn.LeakyReLU(LEAKY_SLOPE), nn.Conv2d(width, channels, 3, padding=1)]
+        layers += [GlobalBatchNorm2d(width), nn.LeakyReLU(LEAKY_SLOPE), nn.Conv2d(width, channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .checkpoint import CheckpointStore, LocalCheckpointStore, checkpoint_name
 from .config import RunConfig
 from .data import training_data
-from .distributed import all_reduce_mean, current_context, rank_zero_says
+from .distributed import all_reduce_mean, all_reduce_sum, current_context, rank_zero_says
 from .metrics import ResponseDistance
 from .outputs import RunOutputs
 from .recovery import INITIAL, Recovery, collapse_message
@@ -105,7 +105,7 @@ def train(
         y, labels = y.to(ctx.device), None if labels is None else labels.to(ctx.device)
         out = state.algorithm.train_step(state.train, y, labels, generator=state.generators["chains"],
                                          iteration=state.iteration)
-        out.metrics["response_distance"] = float(response(out.samples, y))
+        out.metrics["response_distance"] = float(response(out.samples, y, sum_over_group=all_reduce_sum))
         out.metrics.update(data.counters())
         metrics, samples = all_reduce_mean(out.metrics, ctx.device, sum_keys=SUMMED), out.samples
         metrics.update(state.knobs(), recovery=len(state.recoveries))  # δ, λ in use; recoveries so far

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 
 from distributed_ebm.algorithms import ALGORITHMS, energy_loss, energy_step, jko_gamma
 from distributed_ebm.config import load_config
-from distributed_ebm.distributed import all_reduce_gradients
+from distributed_ebm.distributed import all_reduce_gradients, all_reduce_mean
+from distributed_ebm.metrics import ResponseDistance
 from tests.test_train import CONFIGS
 
 M, N = 6, 5  # chains and data images per worker
@@ -79,6 +80,148 @@ def test_two_workers_equal_one_worker_on_the_global_batch_wgcn(tmp_path):
 
 def test_two_workers_equal_one_worker_on_the_global_batch_gcn(tmp_path):
     _check(tmp_path, "gcn")
+
+
+# --- N workers' step is the global batch's: GGCN's generator batch norm, unequal shards, metrics ---
+
+
+def _step_config(algorithm, chains, arch="v0"):
+    """A tiny config whose bank holds `chains` chains (or latents), all of them updated per step."""
+    if not algorithm.startswith("ggcn"):
+        return _config(algorithm).replace({"chains.bank_size": chains, "chains.batch_size": chains})
+    return load_config(CONFIGS / "digits_ggcn.yaml", {
+        "model.algorithm": algorithm, "model.channels": [4, 8], "optim.optimizer": "sgd", "optim.lr": 0.05,
+        "model.jko_weight": 0.1, "langevin.langevin_steps": 3, "generator.latent_dim": 8,
+        "generator.base_width": 2, "generator.generator_every": 1, "generator.latent_lr": 0.5,
+        "generator.latent_bank_size": chains, "chains.batch_size": chains, "generator.arch": arch})
+
+
+def _bank_name(algorithm):
+    return "latents" if algorithm.startswith("ggcn") else "chains"
+
+
+def _step_inputs(algorithm, chains, images):
+    """The global bank (chains in [-1, 1], or latents ζ ~ N(0, I)) and data batch."""
+    gen = torch.Generator().manual_seed(321)
+    if algorithm.startswith("ggcn"):
+        bank = torch.randn(chains, 8, generator=gen)
+    else:
+        bank = torch.rand(chains, 1, 8, 8, generator=gen) * 2 - 1
+    return bank, torch.rand(images, 1, 8, 8, generator=gen) * 2 - 1
+
+
+def _one_step(algorithm, bank_states, data, sizes, ranks, *, arch="v0", sum_over_group=None):
+    """One train_step on `bank_states` and `data`; the Langevin noise of the `sizes[i]` chains of
+    worker `ranks[i]` comes from that worker's generator, so one process reproduces the group's step."""
+    state = ALGORITHMS[algorithm].build(_step_config(algorithm, len(bank_states), arch), (1, 8, 8),
+                                        device=torch.device("cpu"), generator=torch.Generator(),
+                                        data_mean=torch.zeros(1, 1, 8, 8), rank=ranks[0])
+    with torch.no_grad():  # away from the zero scores of a fresh energy, so that every metric has a value
+        gen = torch.Generator().manual_seed(5)
+        for param in state.energy.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    bank = state.banks[_bank_name(algorithm)]
+    bank.states = bank_states.clone()
+    sampler = state.sampler
+
+    def per_worker_noise(score_fn, x, *, generator):
+        return torch.cat([sampler(score_fn, part, generator=torch.Generator().manual_seed(100 + r))
+                          for r, part in zip(ranks, torch.split(x, list(sizes)))])
+
+    state.sampler = per_worker_noise
+    if sum_over_group is not None:
+        state.sync_gradients = all_reduce_gradients
+    out = ALGORITHMS[algorithm].train_step(state, data, None, generator=torch.Generator(), iteration=7)
+    r = ResponseDistance((1, 8, 8))(out.samples, data, sum_over_group=sum_over_group)
+    return {
+        "models": {k: {n: v.detach().clone() for n, v in m.state_dict().items()} for k, m in state.models.items()},
+        "grads": {f"{k}.{n}": p.grad.clone() for k, m in state.models.items() for n, p in m.named_parameters()
+                  if p.grad is not None},
+        "step": bank.states - bank_states,  # the chains' (or ζ's) change
+        "metrics": {**out.metrics, "response_distance": float(r)},
+    }
+
+
+def _step_worker(rank, world, init_file, algorithm, chains, images, arch, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from distributed_ebm.distributed import all_reduce_sum
+
+    bank, data = _step_inputs(algorithm, sum(chains), sum(images))
+    first_chain, first_image = sum(chains[:rank]), sum(images[:rank])
+    result = _one_step(algorithm, bank[first_chain : first_chain + chains[rank]],
+                       data[first_image : first_image + images[rank]], (chains[rank],), (rank,), arch=arch,
+                       sum_over_group=all_reduce_sum)
+    result["metrics"] = all_reduce_mean(result["metrics"], torch.device("cpu"))  # as the training loop logs them
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _group_and_single_step(tmp_path, algorithm, chains, images, arch="v0"):
+    """(each worker's result, the one-process result on the concatenated bank and data)."""
+    mp.start_processes(_step_worker, args=(len(chains), str(tmp_path / "init"), algorithm, chains, images, arch,
+                                           str(tmp_path)), nprocs=len(chains), start_method="fork")
+    workers = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(chains))]
+    bank, data = _step_inputs(algorithm, sum(chains), sum(images))
+    return workers, _one_step(algorithm, bank, data, chains, tuple(range(len(chains))), arch=arch)
+
+
+def _relative_gap(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _assert_same_update(workers, single):
+    """The energy's weights (SGD), the generator's running statistics and ξ's gradients (Adam's
+    first step, about lr·sign(gradient), would blow up rounding noise where a gradient is 0, such
+    as a convolution's bias before a batch norm), and the chains' (or ζ's) steps."""
+    for worker in workers:
+        for key, state in single["models"].items():
+            for name, value in state.items():
+                if key == "energy" or name.split(".")[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+                    assert torch.allclose(worker["models"][key][name].float(), value.float(), atol=1e-6, rtol=1e-5), \
+                        f"{key}.{name}"
+    xi = [name for name in single["grads"] if name.startswith("generator.")]
+    if xi:
+        scale = max(float(single["grads"][name].abs().max()) for name in xi)
+        for name in xi:
+            assert torch.allclose(workers[0]["grads"][name], single["grads"][name], rtol=1e-4, atol=1e-6 * scale), name
+        assert _relative_gap(torch.cat([workers[0]["grads"][n].flatten() for n in xi]),
+                             torch.cat([single["grads"][n].flatten() for n in xi])) < 1e-5
+    assert _relative_gap(torch.cat([w["step"] for w in workers]), single["step"]) < 1e-5
+
+
+@pytest.mark.parametrize("algorithm,arch", [("ggcn", "v0"), ("ggcn", "resnet"), ("ggcn_ams", "v0")])
+def test_two_workers_equal_one_worker_on_the_global_batch_ggcn(tmp_path, algorithm, arch):
+    """GGCN: the generator's batch norm normalises with the global batch's statistics (and
+    updates its running statistics with them), so ξ's gradients, ζ's steps and the energy's
+    update equal the one-process ones on the global batch (with each worker's own statistics,
+    ξ's gradients were 40–50 % apart)."""
+    workers, single = _group_and_single_step(tmp_path, algorithm, (M, M), (N, N), arch)
+    _assert_same_update(workers, single)
+    generator = single["models"]["generator"]
+    assert all(not torch.equal(generator[k], torch.ones_like(generator[k])) for k in generator if "running_var" in k)
+    assert single["grads"]["generator.net.0.weight" if arch == "v0" else "generator.project.weight"].abs().sum() > 0
+    assert single["step"].abs().sum() > 0  # ζ moved
+
+
+@pytest.mark.parametrize("algorithm", ["wgcn", "ggcn"])
+def test_uneven_shards_equal_one_worker_on_the_global_batch(tmp_path, algorithm):
+    """After a re-split that leaves 3 and 1 chains (and, here, 7 and 3 data images) on two
+    workers, each worker's batch means are weighted by its share of the global batch."""
+    workers, single = _group_and_single_step(tmp_path, algorithm, (3, 1), (7, 3))
+    _assert_same_update(workers, single)
+
+
+@pytest.mark.parametrize("algorithm", ["wgcn", "ggcn"])
+def test_logged_metrics_are_the_global_batch_values(tmp_path, algorithm):
+    """R, the energy gap and the means the loop logs equal the one-process values on the
+    concatenated batch (not means of per-worker values), also for uneven shards."""
+    workers, single = _group_and_single_step(tmp_path, algorithm, (3, 1), (7, 3))
+    keys = ["response_distance", "energy_gap_z", "phi_data", "phi_chains", "energy_data", "energy_chains",
+            "loss", "loss_mle", "penalty_syn", "chain_saturation", "data_saturation"]
+    for key in keys + (["langevin_shift", "loss_generator"] if algorithm == "ggcn" else []):
+        assert workers[0]["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-6), key
+    assert single["metrics"]["energy_gap_z"] > 0 and single["metrics"]["response_distance"] > 0
 
 
 def _loop_worker(rank, world, init_file, run_dir, iterations, resume, preset):

@@ -6,7 +6,7 @@ iterations after `warmup`):
 - nonfinite:   a score, the loss or a chain is NaN or Inf (always stops the run);
 - r_diverged:  the smoothed response distance R exceeds `r_ratio_max` × its best smoothed value;
 - energy_diverged: |mean Φ(data) − mean Φ(chains)| exceeds `energy_gap_max` standard deviations
-               of Φ over the data batch (smoothed);
+               of Φ over the data batch (smoothed; the whole group's batch with several workers);
 - saturated:   the chains' excess saturation, (s_chains − s_data) / (1 − s_data) with s the
                fraction of entries at the bounds of [-1, 1], exceeds `saturation_max`: the share
                of the data's unsaturated entries that the chains have pushed to the bounds.
@@ -15,6 +15,7 @@ iterations after `warmup`):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -33,10 +34,21 @@ def excess_saturation(chain_saturation: float, data_saturation: float) -> float:
     return (chain_saturation - data_saturation) / max(1.0 - data_saturation, 1e-6)
 
 
-def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor) -> float:
-    """|mean Φ(data) − mean Φ(chains)| in units of the data batch's Φ standard deviation."""
-    spread = float(phi_data.std()) if len(phi_data) > 1 else 0.0
-    gap = abs(float(phi_data.mean()) - float(phi_syn.mean()))
+def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor, *,
+                 sum_over_group: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """|mean Φ(data) − mean Φ(chains)| in units of the data batch's Φ standard deviation.
+
+    With `sum_over_group` (distributed.all_reduce_sum) the batches are the whole group's: the
+    means and the (unbiased) deviation come from Φ's counts, sums and sums of squares summed over
+    the group, in float64, not from a mean of per-worker gaps."""
+    d, s = phi_data.detach().double(), phi_syn.detach().double()
+    moments = torch.stack([d.new_tensor(len(d)), d.sum(), d.square().sum(), s.new_tensor(len(s)), s.sum()])
+    n_data, sum_data, squares_data, n_syn, sum_syn = (
+        moments if sum_over_group is None else sum_over_group(moments)).tolist()
+    mean_data = sum_data / n_data
+    variance = (squares_data - sum_data * mean_data) / (n_data - 1) if n_data > 1 else 0.0
+    spread = math.sqrt(max(variance, 0.0))
+    gap = abs(mean_data - sum_syn / n_syn)
     return gap / max(spread, 1e-6) if gap > 0 else 0.0
 
 

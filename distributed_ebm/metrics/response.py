@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -37,6 +39,22 @@ class ResponseDistance(nn.Module):
             response = self.features(x)
         return response.transpose(0, 1).flatten(1).mean(1)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """R between samples x and data y (a scalar tensor)."""
-        return (self.channel_means(x) - self.channel_means(y)).abs().mean()
+    def channel_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_i F_k(x_i) over samples (and positions) for every channel k, then the number of terms
+        per channel: (K + 1,), float64."""
+        with torch.no_grad():
+            response = self.features(x).transpose(0, 1).flatten(1)
+        return torch.cat([response.sum(1, dtype=torch.float64),
+                          torch.tensor([response.shape[1]], dtype=torch.float64, device=response.device)])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *,
+                sum_over_group: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """R between samples x and data y (a scalar tensor). With `sum_over_group`
+        (distributed.all_reduce_sum), R between the whole group's samples and data: the channel
+        means come from sums and counts summed over the group, not a mean of per-worker R's
+        (which |·| biases upwards, the more so the more workers)."""
+        sums = torch.stack([self.channel_sums(x), self.channel_sums(y)])
+        if sum_over_group is not None:
+            sums = sum_over_group(sums)
+        means = sums[:, :-1] / sums[:, -1:]
+        return (means[0] - means[1]).abs().mean().to(x.dtype)
