@@ -72,16 +72,19 @@ class Scorer:
                                      cache_dir=args.cache_dir, device=args.device)
         self.network = feature_network(self.train_data, self.train_cfg, self.settings)
 
-    def score(self, fake: torch.Tensor, what: str, num_real: int) -> dict:
+    def score(self, fake: torch.Tensor, what: str, num_real: int, labels: torch.Tensor | None = None) -> dict:
+        """The row of `fake`; with `labels` (the class each image was drawn for) also the share the
+        classifier puts in that class."""
         settings = replace(self.settings, num_real=num_real)
         report = score_generation(fake, {"source": what, "num": len(fake)}, self.test_data, self.test_cfg,
-                                  self.network, settings)
+                                  self.network, settings, fake_labels=labels)
         shares = report.get("generated_class_share", {})
         return {
             **{k: report["scores"][k] for k in ("fid", "kid_mean", "precision", "recall", "density", "coverage")},
             "classes_at_5pct": sum(v >= MIN_CLASS_SHARE for v in shares.values()),
             "min_class_share": min(shares.values()) if shares else None,
             "num": len(fake),
+            "label_agreement": report.get("label_agreement"),
         }
 
     def real_vs_real(self, num: int) -> dict:
@@ -129,7 +132,8 @@ def run_preset(preset: str, args, scorer: Scorer, out: Path) -> dict:
         num = args.num if final else args.curve_num
         tick = time.perf_counter()
         fake = model.sample(num, seed=args.seed)
-        scores = scorer.score(fake, f"fresh samples of {name} (its own sampler)", num)
+        labels = model.labels_for(num, None)  # None for unconditional models; else the classes cycled
+        scores = scorer.score(fake, f"fresh samples of {name} (its own sampler)", num, labels)
         curve.append({"wall_s": float(elapsed[iteration - 1]), "iterations": iteration, **scores,
                       "sampling_scoring_s": time.perf_counter() - tick})
         print(f"   t={elapsed[iteration - 1]:.0f}s it={iteration}: FID {scores['fid']:.1f} precision "
@@ -179,19 +183,20 @@ def _yaml(value):
 def table(results: list[dict], floor: dict, network: str) -> str:
     lines = [f"Fresh samples against held-out test images; feature network: {network}", "",
              "| system | FID | precision | recall | density | coverage | classes ≥ 5 % | min class share | "
-             "iterations | wall s | samples |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "iterations | wall s | samples | label agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(name, r, iterations="–", wall="–"):
         share = "–" if r.get("min_class_share") is None else f"{r['min_class_share']:.3f}"
         return (f"| {name} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['density']:.3f} | "
-                f"{r['coverage']:.3f} | {r['classes_at_5pct']} | {share} | {iterations} | {wall} | {r['num']} |")
+                f"{r['coverage']:.3f} | {r['classes_at_5pct']} | {share} | {iterations} | {wall} | {r['num']} | "
+                f"{'–' if r.get('label_agreement') is None else format(r['label_agreement'], '.3f')} |")
 
     lines.append(row("real vs real (floor)", floor))
     for result in results:
         final = result["final"]
         if final is None:
-            lines.append(f"| {result['name']} | no checkpoint inside the budget | | | | | | | | | |")
+            lines.append(f"| {result['name']} | no checkpoint inside the budget | | | | | | | | | | |")
             continue
         lines.append(row(result["name"], final, final["iterations"], f"{final['wall_s']:.0f}"))
     peer = next((r for r in results if r["name"].startswith("peer") and r["final"]), None)

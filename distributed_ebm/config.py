@@ -86,6 +86,11 @@ class GeneratorConfig:
     latent_lr: float = 1e-2  # ε: SGD learning rate of ζ (LHS only)
     generator_every: int = 4  # update ξ (and ζ) every K iterations
     latent_bank_size: int = 256  # persistent latents ζ (LHS), per process
+    refine_steps: int | None = None  # fresh samples: Langevin steps after g(ζ); None: L (the paper's)
+
+    def __post_init__(self) -> None:
+        _check(self.refine_steps is None or self.refine_steps >= 0, "generator.refine_steps", self.refine_steps,
+               "must be null (L steps) or a step count ≥ 0")
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,8 @@ def draw_samples(model: TrainedModel, settings: EvalSettings) -> tuple[torch.Ten
             source["langevin_steps_note"] = (
                 "the algorithm's default: "
                 f"langevin.sample_steps = {lang.sample_steps} for fresh chains, "
-                f"L = {lang.langevin_steps} per grid (multi-grid) or after g(ζ) (GGCN)"
+                f"L = {lang.langevin_steps} per grid (multi-grid); after g(ζ) (GGCN) "
+                f"generator.refine_steps = {model.config.generator.refine_steps} (null: L)"
             )
         if model.num_classes:
             source["labels"] = f"cycling through the {model.num_classes} classes"
@@ -272,6 +273,12 @@ def score_generation(
             agree = predicted.cpu() == fake_labels.cpu()
             report["label_agreement"] = float(agree.float().mean())
     return report
+
+
+def _refine_steps(config) -> int:
+    """Langevin steps after g(ζ): generator.refine_steps, else L."""
+    refine = config.generator.refine_steps
+    return config.langevin.langevin_steps if refine is None else refine
 
 
 def evaluate_generation(
@@ -391,7 +398,7 @@ def evaluate_inpainting(
         settings.steps
         if settings.steps is not None
         else (
-            model.config.langevin.langevin_steps
+            _refine_steps(model.config)
             if settings.method == "generator"
             else model.config.langevin.sample_steps
         )

@@ -110,6 +110,7 @@ class TrainedModel:
                             latent_dim=self.config.generator.latent_dim, generator=generator)
             with torch.no_grad():
                 init = gen_net(z, labels)
+            steps = self.config.generator.refine_steps if steps is None else steps
             steps = lang.langevin_steps if steps is None else steps
         elif method != "langevin":
             raise ConfigError(f"Unknown inpainting method '{method}'. Choose 'langevin' or 'generator'.")

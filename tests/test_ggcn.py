@@ -211,7 +211,7 @@ def test_generator_step_lowers_the_reconstruction_loss_through_both_zeta_and_xi(
     ‖g(ζ; ξ) − x̂‖² towards the iteration's Langevin output x̂: a sign flip of either fails."""
     import copy
 
-    import distributed_ebm.algorithms as algorithms
+    import distributed_ebm.algorithms.ggcn as algorithms
     from distributed_ebm.losses import reconstruction_loss
 
     config = load_config(CONFIGS / "digits_ggcn.yaml", {
@@ -253,3 +253,26 @@ def test_conditional_multigrid_trains_with_more_chains_than_data_images(tmp_path
                  "chains.bank_size": 32}
     assert main(["train", "--config", str(CONFIGS / "digits_wmgcn.yaml"), "--run-dir", str(run), *_sets(overrides)]) == 0
     assert json.loads((run / "summary.json").read_text())["iterations"] == 6
+
+
+@pytest.mark.parametrize("refine_steps", [None, 0, 7])
+def test_ggcn_fresh_samples_run_generator_refine_steps_after_g(refine_steps, monkeypatch):
+    """g(ζ) is refined by generator.refine_steps Langevin steps (None: L); 0 returns g(ζ) itself."""
+    config = load_config(CONFIGS / "digits_ggcn_ams.yaml", {"model.channels": [4, 8], "generator.base_width": 2,
+                                                            "generator.latent_dim": 4, "langevin.langevin_steps": 3,
+                                                            "generator.refine_steps": refine_steps})
+    algorithm = ALGORITHMS["ggcn_ams"]
+    state = algorithm.build(config, (1, 8, 8), device=torch.device("cpu"), generator=torch.Generator(),
+                            data_mean=torch.zeros(1, 1, 8, 8))
+    state.generator.eval()
+    import distributed_ebm.langevin as langevin_module
+
+    counted = []
+    original = langevin_module.langevin
+    monkeypatch.setattr(langevin_module, "langevin", lambda *a, **k: counted.append(k["steps"]) or original(*a, **k))
+    z = torch.randn(4, 4)
+    x = algorithm.sample(state, 4, generator=torch.Generator().manual_seed(0), latents=z)
+    assert counted == [3 if refine_steps is None else refine_steps]
+    with torch.no_grad():
+        start = state.generator(z)
+    assert torch.equal(x, start) == (refine_steps == 0)

@@ -29,22 +29,26 @@ def test_quality_benchmark_trains_scores_and_compares(tmp_path):
             "langevin.sample_steps=5", "model.channels=[8,16]"]
     peer = ["buffer_size=256", "batch_size=32", "langevin_steps=3", "sample_steps=5"]
     out = tmp_path / "out"
-    assert main(["--budget-s", "3", "--data", str(data), "--presets", "configs/digits_wgcn.yaml",
+    assert main(["--budget-s", "3", "--data", str(data), "--presets", "configs/digits_wgcn_cond.yaml",
                  "--num", "60", "--curve-num", "30", "--curve-points", "2", "--checkpoint-every", "2",
                  "--classifier-epochs", "1", "--classifier-images", "600", "--kid-subsets", "3",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet",
                  *[a for kv in tiny for a in ("--set", kv)], *[a for kv in peer for a in ("--peer-set", kv)]]) == 0
     results = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in results["results"]]
-    assert names == ["digits_wgcn", "peer (replay-buffer EBM)"]
+    assert names == ["digits_wgcn_cond", "peer (replay-buffer EBM)"]
     for r in results["results"]:
         assert r["final"]["num"] == 60 and np.isfinite(r["final"]["fid"])
         assert 1 <= len(r["curve"]) <= 2
         assert all(c["wall_s"] <= 3.5 for c in r["curve"][:-1])
     assert results["results"][1]["iterations"] > 0
+    # a conditional preset is scored for the class it was asked for; the unconditional peer is not
+    agreement = results["results"][0]["final"]["label_agreement"]
+    assert 0.0 <= agreement <= 1.0 and results["results"][1]["final"]["label_agreement"] is None
     floor = results["real_vs_real"]["fid"]
     assert floor < min(r["final"]["fid"] for r in results["results"])  # tiny runs stay far from real data
     table = (out / "table.md").read_text()
     assert "real vs real (floor)" in table and "× the peer's" in table and "feature network: SmallClassifier" in table
-    assert (out / "curve.png").is_file() and (out / "samples-digits_wgcn.png").is_file()
+    assert f"| {agreement:.3f} |" in table
+    assert (out / "curve.png").is_file() and (out / "samples-digits_wgcn_cond.png").is_file()
     assert (out / "samples-peer.png").is_file()

@@ -1,0 +1,202 @@
+"""FRAME / wFRAME / GCN / wGCN (`EBMAlgorithm`: persistent chains, MLE + JKO penalty) and
+MGCN / wMGCN (`MultiGridAlgorithm`: one energy per grid, chains passed coarse to fine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..chains import ChainBank
+from ..config import ConfigError, RunConfig
+from ..distributed import batch_shares
+from ..energy import Energy, build_energy
+from .common import (
+    StepOutput,
+    TrainState,
+    _num_classes,
+    chains_per_step,
+    energy_objective,
+    energy_step,
+    make_optimizer,
+    optimizer_step,
+)
+
+
+@dataclass(frozen=True)
+class EBMAlgorithm:
+    """FRAME / GCN learning by persistent Langevin chains, with or without the JKO penalty.
+
+    FRAME and GCN differ only in their energy (a fixed filter bank with θ, or a ConvNet with θ and
+    w); the "w" variants add the JKO / Wasserstein penalty (ALGORITHMS.md §3).
+    """
+
+    name: str
+    default_energy: str
+    jko: bool
+    description: str
+
+    def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
+              generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
+              rank: int = 0) -> TrainState:
+        """Networks (seeded by model.seed, identical on every rank), optimiser and chain bank shard."""
+        classes = _num_classes(config, num_classes)
+        energy = build_energy(config.model, sample_shape, config.model.energy or self.default_energy, classes)
+        energy = energy.to(device)
+        bank = ChainBank.create(
+            config.chains.bank_size, sample_shape, generator=generator, first_id=rank * config.chains.bank_size,
+            device=device,
+            init=config.chains.init, reinit_prob=config.chains.reinit_prob, init_value=data_mean.to(device),
+            num_classes=classes,
+        )
+        params = [p for p in energy.parameters() if p.requires_grad]
+        return TrainState(
+            config=config,
+            models={"energy": energy},
+            optimizers={"energy": make_optimizer(params, config.optim)},
+            banks={"chains": bank},
+            meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes},
+        )
+
+    def train_step(self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *,
+                   generator: torch.Generator, iteration: int = 0) -> StepOutput:
+        """One learning iteration: Langevin on the chains, then one optimiser step on θ, w."""
+        cfg, energy, bank = state.config, state.energy, state.banks["chains"]
+        index, x_prev = bank.sample(chains_per_step(cfg.chains.batch_size, cfg.chains.bank_size, bank), generator)
+        syn_labels = bank.labels_at(index)
+        x_syn = state.sampler(energy.score_fn(syn_labels), x_prev, generator=generator)
+        bank.write(index, x_syn)
+        data_labels = labels if syn_labels is not None else None
+        loss, metrics = energy_objective(state, energy, data, data_labels, x_prev, x_syn, syn_labels,
+                                         jko=self.jko, iteration=iteration,
+                                         shares=batch_shares([len(data), len(x_syn)], x_syn.device))
+        metrics.update(energy_step(state, energy, loss))
+        return StepOutput(metrics, x_syn)
+
+    def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Fresh chains: started like the bank's chains, run `steps` (default langevin.sample_steps)."""
+        x0 = state.banks["chains"].initial_states(num, generator)
+        steps = state.config.langevin.sample_steps if steps is None else steps
+        return state.fresh_sampler(state.energy.score_fn(labels), x0, generator=generator, steps=steps)
+
+
+def resample(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Down-sample (area average) or up-sample (`mode`: nearest or bilinear) images to size × size."""
+    if x.shape[-1] == size:
+        return x
+    if x.shape[-1] > size:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+
+def multigrid_chains(
+    energies: list[Energy],
+    x_first: torch.Tensor,
+    sizes: tuple[int, ...],
+    *,
+    upsample: str,
+    sample: Callable[[Energy, torch.Tensor], torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Coarse-to-fine sampling: [(start, final) per grid].
+
+    The first grid starts from `x_first` (the data mean down-sampled to its size); grid s starts
+    from the final chains of grid s−1 up-sampled to its size.
+    """
+    chains, x = [], x_first
+    for energy, size in zip(energies, sizes):
+        start = resample(x, size, upsample)
+        x = sample(energy, start)
+        chains.append((start, x))
+    return chains
+
+
+@dataclass(frozen=True)
+class MultiGridAlgorithm:
+    """MGCN / wMGCN: one ConvNet energy per grid (model.grid_sizes), chains passed coarse to fine.
+
+    The chains are not persistent: each iteration restarts them from the data mean down-sampled
+    to the first grid (ALGORITHMS.md §3), as in multi-grid sampling. Each grid's energy is trained on data
+    down-sampled to its size; the losses of all grids are summed (they share no parameters).
+    """
+
+    name: str
+    jko: bool
+    description: str
+    default_energy: str = "conv"
+
+    def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
+              generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
+              rank: int = 0) -> TrainState:
+        if len(sample_shape) != 3:
+            raise ConfigError(f"Multi-grid models need images; got samples of shape {sample_shape}.")
+        sizes = config.model.grid_sizes
+        if list(sizes) != sorted(sizes) or sizes[-1] != sample_shape[-1]:
+            raise ConfigError(
+                f"model.grid_sizes {list(sizes)} must increase and end at the image size {sample_shape[-1]}."
+            )
+        classes = _num_classes(config, num_classes)
+        energies = nn.ModuleList(
+            build_energy(config.model, (sample_shape[0], s, s), config.model.energy or "conv", classes, seed_offset=i)
+            for i, s in enumerate(sizes)
+        ).to(device)
+        params = [p for p in energies.parameters() if p.requires_grad]
+        return TrainState(
+            config=config,
+            models={"grids": energies},
+            optimizers={"energy": make_optimizer(params, config.optim)},
+            banks={},
+            meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes},
+        )
+
+    def first_grid(self, state: TrainState, batch_size: int) -> torch.Tensor:
+        """`batch_size` copies of the data mean down-sampled to the first grid."""
+        mean = state.meta["data_mean"].to(next(state.models["grids"].parameters()).device)
+        return resample(mean, state.config.model.grid_sizes[0], state.config.model.upsample).expand(
+            batch_size, -1, -1, -1).clone()
+
+    def train_step(self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *,
+                   generator: torch.Generator, iteration: int = 0) -> StepOutput:
+        cfg = state.config
+        energies = list(state.models["grids"])
+        # The chains' classes are the data batch's, cycled when the chains outnumber the images.
+        syn_labels = (labels[torch.arange(cfg.chains.batch_size, device=labels.device) % len(labels)]
+                      if state.meta["num_classes"] else None)
+
+        def sample(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
+            return state.sampler(energy.score_fn(syn_labels), x0, generator=generator)
+
+        chains = multigrid_chains(energies, self.first_grid(state, cfg.chains.batch_size), cfg.model.grid_sizes,
+                                  upsample=cfg.model.upsample, sample=sample)
+        total, metrics = 0.0, {}
+        shares = batch_shares([len(data), cfg.chains.batch_size], data.device)
+        for energy, size, (start, final) in zip(energies, cfg.model.grid_sizes, chains):
+            data_labels = labels if syn_labels is not None else None
+            loss, grid_metrics = energy_objective(state, energy, resample(data, size, cfg.model.upsample),
+                                                  data_labels, start, final, syn_labels, jko=self.jko,
+                                                  iteration=iteration, shares=shares)
+            total = total + loss
+            metrics.update({f"grid{size}_{k}": v for k, v in grid_metrics.items() if k in ("loss", "phi_data", "phi_chains")})
+            metrics.update(grid_metrics)  # the finest grid's metrics stay under the plain names
+        theta, w = [], []
+        for energy in energies:
+            t, v = energy.split_parameters()
+            theta, w = theta + t, w + v
+        metrics.update(optimizer_step(state, "energy", total, {"theta": theta, "w": w}, cfg.optim.grad_clip))
+        metrics["nonfinite"] = max(metrics["nonfinite"], float(not torch.isfinite(total).item()))
+        return StepOutput(metrics, chains[-1][1])
+
+    def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Coarse-to-fine chains from the data mean, `steps` (default L) Langevin steps per grid."""
+        chains = multigrid_chains(
+            list(state.models["grids"]), self.first_grid(state, num), state.config.model.grid_sizes,
+            upsample=state.config.model.upsample,
+            sample=lambda energy, x0: state.fresh_sampler(energy.score_fn(labels), x0, generator=generator, steps=steps),
+        )
+        return chains[-1][1]
+
+
