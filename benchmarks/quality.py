@@ -44,6 +44,7 @@ from distributed_ebm.config import DataConfig, load_config  # noqa: E402
 from distributed_ebm.data import load_dataset  # noqa: E402
 from distributed_ebm.evaluation import EvalSettings, feature_network, score_generation  # noqa: E402
 from distributed_ebm.inference import load_run  # noqa: E402
+from distributed_ebm.rundir import save_sample_png  # noqa: E402
 from distributed_ebm.train_loop import train  # noqa: E402
 
 DEFAULT_PRESETS = ("configs/mnist_ggcn.yaml", "configs/mnist_wgcn.yaml", "configs/mnist_mgcn.yaml")
@@ -52,11 +53,7 @@ MIN_CLASS_SHARE = 0.05  # "every class ≥ 5 % of samples"
 
 def upscaled_grid(samples: torch.Tensor, path: Path, scale: int = 4, nrow: int = 10) -> None:
     """A grid of the first 100 samples, each pixel scale×scale (nearest neighbour)."""
-    from torchvision.utils import save_image
-
-    x = samples[:100].float().clamp(-1, 1)
-    x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
-    save_image((x + 1) / 2, path, nrow=nrow, padding=2, pad_value=0.5)
+    save_sample_png(samples[:100], path, nrow=nrow, scale=scale)
 
 
 class Scorer:

@@ -69,9 +69,6 @@ class ModelConfig:
     energy_l2: float = 0.0  # α: adds α·(mean Φ(y)² + mean Φ(x)²) to the energy loss (Du & Mordatch 2019); 0: off
     spectral_norm: bool = False  # spectral normalisation of the ConvNet's conv and linear layers (w)
 
-    def __post_init__(self) -> None:
-        _check(self.energy_l2 >= 0, "model.energy_l2", self.energy_l2, "must be 0 (off) or positive")
-
 
 @dataclass(frozen=True)
 class GeneratorConfig:
@@ -87,10 +84,6 @@ class GeneratorConfig:
     generator_every: int = 4  # update ξ (and ζ) every K iterations
     latent_bank_size: int = 256  # persistent latents ζ (LHS), per process
     refine_steps: int | None = None  # fresh samples: Langevin steps after g(ζ); None: L (the paper's)
-
-    def __post_init__(self) -> None:
-        _check(self.refine_steps is None or self.refine_steps >= 0, "generator.refine_steps", self.refine_steps,
-               "must be null (L steps) or a step count ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -115,10 +108,6 @@ class LangevinConfig:
                 f"langevin.autocast must be null (float32) or 'bf16', got {self.autocast!r}. "
                 "Fix the YAML file or the --set override."
             )
-        _check(self.grad_clip is None or self.grad_clip > 0, "langevin.grad_clip", self.grad_clip,
-               "must be null (off) or positive")
-        _check(self.sample_anneal_to is None or self.sample_anneal_to > 0, "langevin.sample_anneal_to",
-               self.sample_anneal_to, "must be null (constant δ) or a positive step size, usually below δ")
 
 
 @dataclass(frozen=True)
@@ -158,12 +147,6 @@ class TrainConfig:
     ema_decay: float | None = None  # keep an EMA of the model weights (decay per iteration); sampling uses it; None: off
     time_budget_s: float | None = None  # stop (and checkpoint) after this many seconds of training; None: no budget
 
-    def __post_init__(self) -> None:
-        _check(self.ema_decay is None or 0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay,
-               "must be null (off) or in [0, 1), e.g. 0.999")
-        _check(self.time_budget_s is None or self.time_budget_s > 0, "train.time_budget_s", self.time_budget_s,
-               "must be null (no budget) or a positive number of seconds")
-
 
 RECOVERY_TARGETS = ("step_size", "lr", "both")  # collapse.recovery_target: δ, λ or both
 
@@ -184,9 +167,6 @@ class CollapseConfig:
     recovery_target: str = "step_size"  # what a recovery lowers: "step_size" (δ), "lr" (λ) or "both"
 
     def __post_init__(self) -> None:
-        _check(self.max_recoveries >= 0, "collapse.max_recoveries", self.max_recoveries, "must be 0 (off) or more")
-        _check(0 < self.recovery_factor < 1, "collapse.recovery_factor", self.recovery_factor,
-               "must be in (0, 1): each recovery multiplies δ and/or λ by it")
         _check(self.recovery_target in RECOVERY_TARGETS, "collapse.recovery_target", self.recovery_target,
                f"must be one of {', '.join(repr(t) for t in RECOVERY_TARGETS)}")
 
@@ -219,6 +199,9 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str = "debm"  # run name (also the default MLflow experiment / registered model name)
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> RunConfig:
         """Build a validated config from nested plain values; unknown keys raise ConfigError."""
@@ -234,6 +217,87 @@ class RunConfig:
         for key, value in overrides.items():
             set_dotted(raw, key, value)
         return RunConfig.from_dict(raw)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: low/high bounds (open or closed), and whether null is allowed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # the low bound itself is not allowed
+    high_open: bool = False
+    nullable: bool = False  # null means "off" / "the default"
+
+    def contains(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        return ((self.low is None or value > self.low or (not self.low_open and value == self.low))
+                and (self.high is None or value < self.high or (not self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        lo = None if self.low is None else f"{self.low:g}"
+        hi = None if self.high is None else f"{self.high:g}"
+        if lo is not None and hi is not None:
+            text = f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        elif lo is not None:
+            text = f"{'>' if self.low_open else '≥'} {lo}"
+        else:
+            text = f"{'<' if self.high_open else '≤'} {hi}"
+        return f"{text} or null" if self.nullable else text
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+PROBABILITY, DECAY = Range(0, 1), Range(0, 1, high_open=True)
+RANGES: dict[str, Range] = {  # every numeric key (a test walks RunConfig and finds each here)
+    "data.image_size": Range(1, nullable=True), "data.num_images": Range(1, nullable=True),
+    "data.crops": AT_LEAST_1, "data.num_points": AT_LEAST_1, "data.mixture_std": POSITIVE,
+    "data.loader_workers": AT_LEAST_0, "data.prefetch": AT_LEAST_1, "data.shuffle_buffer": AT_LEAST_1,
+    "data.epoch_batches": Range(1, nullable=True), "data.num_classes": Range(1, nullable=True),
+    "data.mean_samples": AT_LEAST_1,
+    "model.channels": AT_LEAST_1, "model.filter_layers": AT_LEAST_1, "model.jko_weight": AT_LEAST_0,
+    "model.grid_sizes": AT_LEAST_1, "model.seed": AT_LEAST_0, "model.energy_l2": AT_LEAST_0,
+    "generator.latent_dim": AT_LEAST_1, "generator.base_width": AT_LEAST_1, "generator.embed_dim": AT_LEAST_1,
+    "generator.lr": POSITIVE, "generator.betas": DECAY, "generator.latent_lr": POSITIVE,
+    "generator.generator_every": AT_LEAST_1, "generator.latent_bank_size": AT_LEAST_1,
+    "generator.refine_steps": Range(0, nullable=True),
+    "langevin.langevin_steps": AT_LEAST_1, "langevin.step_size": POSITIVE, "langevin.ref_sigma": POSITIVE,
+    "langevin.sample_steps": AT_LEAST_1, "langevin.grad_clip": Range(0, low_open=True, nullable=True),
+    "langevin.sample_anneal_to": Range(0, low_open=True, nullable=True),
+    "chains.bank_size": AT_LEAST_1, "chains.batch_size": AT_LEAST_1, "chains.reinit_prob": PROBABILITY,
+    "optim.lr": POSITIVE, "optim.betas": DECAY, "optim.weight_decay": AT_LEAST_0,
+    "optim.grad_clip": Range(0, low_open=True, nullable=True),
+    "train.iterations": AT_LEAST_1, "train.data_batch_size": AT_LEAST_1, "train.seed": AT_LEAST_0,
+    "train.log_every": AT_LEAST_1, "train.sample_every": AT_LEAST_1, "train.checkpoint_every": AT_LEAST_1,
+    "train.keep_checkpoints": AT_LEAST_1, "train.response_bank_seed": AT_LEAST_0,
+    "train.ema_decay": Range(0, 1, high_open=True, nullable=True),
+    "train.time_budget_s": Range(0, low_open=True, nullable=True),
+    "collapse.warmup": AT_LEAST_0, "collapse.ema": DECAY, "collapse.r_ratio_max": Range(1, low_open=True),
+    "collapse.energy_gap_max": POSITIVE, "collapse.saturation_max": Range(0, 1, low_open=True),
+    "collapse.patience": AT_LEAST_1, "collapse.max_recoveries": AT_LEAST_0,
+    "collapse.recovery_factor": Range(0, 1, low_open=True, high_open=True),
+    "tracking.flush_every": AT_LEAST_1,
+}
+PERSISTENT_CHAINS = ("frame", "wframe", "gcn", "wgcn")  # algorithms that draw a batch from the chain bank
+
+
+def check_ranges(config: RunConfig) -> None:
+    """Refuse, before any work, a numeric value outside its key's range (naming the key, the value
+    and the range) and keys that contradict each other."""
+    for key, rule in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        values = value if isinstance(value, tuple) else (value,)
+        _check(all(rule.contains(v) for v in values), key, value,
+               f"must be {'a list of values ' if isinstance(value, tuple) else ''}{rule.describe()}")
+    sizes = config.model.grid_sizes
+    _check(len(sizes) > 0 and list(sizes) == sorted(set(sizes)), "model.grid_sizes", list(sizes),
+           "must be increasing image sides, coarse to fine, ending at the image side")
+    _check(len(config.model.channels) > 0, "model.channels", list(config.model.channels), "must name ≥ 1 width")
+    if config.model.algorithm in PERSISTENT_CHAINS:
+        _check(config.chains.batch_size <= config.chains.bank_size, "chains.batch_size", config.chains.batch_size,
+               f"must be ≤ chains.bank_size ({config.chains.bank_size}): each iteration updates that many of the "
+               "bank's chains")
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:

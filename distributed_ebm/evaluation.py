@@ -27,7 +27,7 @@ from .config import ConfigError, DataConfig, TrainConfig, did_you_mean
 from .data import ImageData, load_dataset
 from .data.samples import read_samples
 from .inference import TrainedModel
-from .inpainting import MASK_KINDS, inpainting_scores, restore_each_mask
+from .inpainting import BASELINE, MASK_KINDS, biharmonic_fill, inpainting_scores, restore_each_mask
 from .metrics import ResponseDistance
 from .metrics.classifier import cached_classifier
 from .metrics.generative import (
@@ -126,7 +126,7 @@ def reference_data(
     return data, data_config
 
 
-def _subset(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reference_subset(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`num` images of the data set (all if fewer) and their labels, drawn by `seed`."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     index = order[: min(num, len(data))]
@@ -231,7 +231,7 @@ def score_generation(
     of `data` in `network`'s space; R on the filter bank of `response_bank_seed` (or VGG
     `filter_bank`). With `fake_labels` (the class each image was drawn for) and a classifier,
     `label_agreement`: the share of images the classifier puts in their class."""
-    real, real_labels = _subset(data, settings.num_real or len(fake), settings.seed)
+    real, real_labels = reference_subset(data, settings.num_real or len(fake), settings.seed)
     scored = generative_scores(
         fake,
         real,
@@ -358,17 +358,19 @@ def inpainting_report(
     seed: int = 0,
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """MSE, PSNR, SSIM and FID (restored against originals) per mask kind.
+    """MSE, PSNR, SSIM (whole image and missing pixels) and FID (restored against originals) per
+    mask kind, for the model and for the biharmonic baseline on the same masks: (model, baseline).
 
     restore(images, missing) gives the restored images; masks (1: missing) come from `seed`."""
     generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for kind, _, restored in restore_each_mask(restore, images, kinds, generator=generator):
-        out[kind] = {
-            **inpainting_scores(restored, images),
-            "fid": frechet_inception_distance(restored, images, network, batch_size=batch_size),
-        }
-    return out
+    ours, baseline = {}, {}
+    for kind, missing, restored in restore_each_mask(restore, images, kinds, generator=generator):
+        for out, filled in ((ours, restored), (baseline, biharmonic_fill(images, missing))):
+            out[kind] = {
+                **inpainting_scores(filled, images, missing),
+                "fid": frechet_inception_distance(filled, images, network, batch_size=batch_size),
+            }
+    return ours, baseline
 
 
 def evaluate_inpainting(
@@ -378,7 +380,7 @@ def evaluate_inpainting(
     started = time.perf_counter()
     data, data_config = reference_data(data_config, model.sample_shape)
     network = feature_network(data, data_config, settings)
-    images, labels = _subset(data, settings.num_samples, settings.seed)
+    images, labels = reference_subset(data, settings.num_samples, settings.seed)
     labels = None if not model.num_classes else labels.to(model.device)
 
     def restore(x: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
@@ -391,7 +393,7 @@ def evaluate_inpainting(
             labels=labels,
         )
 
-    masks = inpainting_report(
+    masks, baseline = inpainting_report(
         restore, images, network, seed=settings.seed, batch_size=settings.batch_size
     )
     steps = (
@@ -422,5 +424,6 @@ def evaluate_inpainting(
         },
         "feature_network": network.describe(),
         "masks": masks,
+        "baseline": {"method": BASELINE, "masks": baseline},
         "wall_time_s": time.perf_counter() - started,
     }

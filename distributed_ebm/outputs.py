@@ -9,6 +9,7 @@ through the checkpoint store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -59,6 +60,23 @@ class RunOutputs:
             self.tracker.log_recovery(record)
         self.bar.n = record["rolled_back_to"]
         self.bar.refresh()
+
+    @contextlib.contextmanager
+    def closed_on_interrupt(self):
+        """Around the training loop: on Ctrl-C (or SIGTERM turned into one by `debm train`) close
+        the progress bar and end the MLflow run as KILLED (tag debm.status: interrupted), then let
+        the interrupt go on; the last periodic checkpoint is where a resume continues."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.interrupted()
+            raise
+
+    def interrupted(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            self.tracker.interrupted()
 
     def start(self, info: dict, iteration: int) -> None:
         """Open the MLflow run (or continue a resumed run's) and the progress bar at `iteration`."""
@@ -120,6 +138,9 @@ class NoOutputs(RunOutputs):
         self.config, self.run, self.progress, self.tracker, self.bar = config, run, False, None, None
 
     def resumed(self, checkpoint: Path, iteration: int) -> None:
+        pass
+
+    def interrupted(self) -> None:
         pass
 
     def rolled_back(self, record: dict, max_recoveries: int) -> None:

@@ -94,18 +94,35 @@ class RunDirectory:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+VIEW_SIDE = 112  # grids show each image at least this many pixels wide (nearest-neighbour)
+
+
+def view_scale(side: int) -> int:
+    """The whole-number up-scaling that shows an image of `side` pixels at ≥ VIEW_SIDE pixels."""
+    return max(1, math.ceil(VIEW_SIDE / side))
+
+
 def save_sample_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None,
-                    nrow: int | None = None) -> None:
+                    nrow: int | None = None, scale: int | None = None, classes: int | None = None) -> None:
     """Write images (N, C, H, W) in [-1, 1] as a grid (`nrow` per row, default square, at most 64
-    images unless nrow is given), or 2-D points as a scatter plot."""
+    images unless nrow is given), each pixel `scale`×`scale` (default `view_scale`: 8×8 digits
+    14×, 28×28 and 32×32 4×, 64×64 2×) with a thin grey grid between images; or 2-D points as a
+    scatter plot. With `classes` K (image i drawn for class i mod K, as conditional sampling
+    cycles): one row per class, up to 10 images each."""
     samples = samples.detach().float().cpu()
     if samples.dim() == 4:
         from torchvision.utils import save_image
 
+        if classes and nrow is None and len(samples) >= classes:
+            per = min(10, len(samples) // classes)
+            samples = samples[[k + classes * j for k in range(classes) for j in range(per)]]
+            nrow = per
         if nrow is None:
             samples = samples[:64]
             nrow = max(1, int(math.sqrt(len(samples))))
-        save_image((samples.clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1)
+        scale = view_scale(samples.shape[-1]) if scale is None else scale
+        samples = torch.nn.functional.interpolate(samples.clamp(-1, 1), scale_factor=scale, mode="nearest")
+        save_image((samples + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=0.5)
         return
     import matplotlib
 

@@ -139,6 +139,12 @@ class Tracker:
         self.client.set_tag(self.run_id, "debm.recoveries", str(record["recovery"]))
         self.client.set_tag(self.run_id, f"debm.recovery.{record['recovery']}", json.dumps(record)[:5000])
 
+    def interrupted(self) -> None:
+        """The run was stopped (Ctrl-C, SIGTERM): send what is buffered and end it as KILLED."""
+        self.flush()
+        self.client.set_tag(self.run_id, "debm.status", "interrupted")
+        self.client.set_terminated(self.run_id, "KILLED")
+
     def finish(self, run_dir: Path, status: str) -> None:
         """Send the last metrics, log the run directory's files as artifacts, tag the status
         (debm.status: completed, collapsed or diverged) and close the run."""
@@ -248,6 +254,12 @@ def evaluation_metrics(report: dict) -> dict[str, float]:
             for k, v in scores.items()
             if k != "ssim_window"
         }
+        flat.update({
+            f"inpainting/baseline/{kind}/{k}": v
+            for kind, scores in report.get("baseline", {}).get("masks", {}).items()
+            for k, v in scores.items()
+            if k != "ssim_window"
+        })
     else:
         flat = dict(report["scores"])
         flat.update({f"class_coverage/{c}": v for c, v in report.get("class_coverage", {}).items()})

@@ -99,42 +99,43 @@ def train(
 
     budget = config.train.time_budget_s
     started, stopped_by, metrics, samples = time.perf_counter(), "iterations", {}, None
-    while state.iteration < config.train.iterations:
-        tick = time.perf_counter()
-        y, labels = data.batch(config.train.data_batch_size, state.generators["data"])
-        y, labels = y.to(ctx.device), None if labels is None else labels.to(ctx.device)
-        out = state.algorithm.train_step(state.train, y, labels, generator=state.generators["chains"],
-                                         iteration=state.iteration)
-        out.metrics["response_distance"] = float(response(out.samples, y, sum_over_group=all_reduce_sum))
-        out.metrics.update(data.counters())
-        metrics, samples = all_reduce_mean(out.metrics, ctx.device, sum_keys=SUMMED), out.samples
-        metrics.update(state.knobs(), recovery=len(state.recoveries))  # δ, λ in use; recoveries so far
-        state.iteration += 1
-        state.images_seen += config.train.data_batch_size * ctx.world_size
-        metrics.update(state.collapse.update(state.iteration, metrics))
-        metrics.update(iteration=state.iteration, images_seen=state.images_seen, seconds=time.perf_counter() - tick)
+    with outputs.closed_on_interrupt():  # Ctrl-C / SIGTERM: the MLflow run ends KILLED
+        while state.iteration < config.train.iterations:
+            tick = time.perf_counter()
+            y, labels = data.batch(config.train.data_batch_size, state.generators["data"])
+            y, labels = y.to(ctx.device), None if labels is None else labels.to(ctx.device)
+            out = state.algorithm.train_step(state.train, y, labels, generator=state.generators["chains"],
+                                             iteration=state.iteration)
+            out.metrics["response_distance"] = float(response(out.samples, y, sum_over_group=all_reduce_sum))
+            out.metrics.update(data.counters())
+            metrics, samples = all_reduce_mean(out.metrics, ctx.device, sum_keys=SUMMED), out.samples
+            metrics.update(state.knobs(), recovery=len(state.recoveries))  # δ, λ in use; recoveries so far
+            state.iteration += 1
+            state.images_seen += config.train.data_batch_size * ctx.world_size
+            metrics.update(state.collapse.update(state.iteration, metrics))
+            metrics.update(iteration=state.iteration, images_seen=state.images_seen, seconds=time.perf_counter() - tick)
 
-        outputs.record(metrics, samples, y)
-        if metrics["collapse"] and recovery.possible(state):
-            outputs.rolled_back(recovery.roll_back(state, metrics), config.collapse.max_recoveries)
-            save_checkpoint({"iteration": state.iteration, "recovery": len(state.recoveries)})
-            continue
-        if metrics["collapse_reason"] == "nonfinite":
-            stopped_by = "divergence"
-            break
-        # Rank 0's clock decides for every rank, so that all stop at the same iteration.
-        out_of_time = budget is not None and rank_zero_says(time.perf_counter() - started >= budget, ctx.device)
-        if (state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations
-                or out_of_time):
-            save_checkpoint(metrics)
-        for callback in callbacks:
-            callback(iteration=state.iteration, rank=ctx.rank, metrics=metrics)
-        if metrics["collapse"] and (config.collapse.stop_on_collapse or recovery.enabled):
-            stopped_by = "collapse"  # with recovery on: none left, or no healthy state to return to
-            break
-        if out_of_time:
-            stopped_by = "time_budget"
-            break
+            outputs.record(metrics, samples, y)
+            if metrics["collapse"] and recovery.possible(state):
+                outputs.rolled_back(recovery.roll_back(state, metrics), config.collapse.max_recoveries)
+                save_checkpoint({"iteration": state.iteration, "recovery": len(state.recoveries)})
+                continue
+            if metrics["collapse_reason"] == "nonfinite":
+                stopped_by = "divergence"
+                break
+            # Rank 0's clock decides for every rank, so that all stop at the same iteration.
+            out_of_time = budget is not None and rank_zero_says(time.perf_counter() - started >= budget, ctx.device)
+            if (state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations
+                    or out_of_time):
+                save_checkpoint(metrics)
+            for callback in callbacks:
+                callback(iteration=state.iteration, rank=ctx.rank, metrics=metrics)
+            if metrics["collapse"] and (config.collapse.stop_on_collapse or recovery.enabled):
+                stopped_by = "collapse"  # with recovery on: none left, or no healthy state to return to
+                break
+            if out_of_time:
+                stopped_by = "time_budget"
+                break
 
     summary = {**_outcome(config, state, stopped_by, recovery, store), "iterations": state.iteration,
                "images_seen": state.images_seen, "wall_time_s": time.perf_counter() - started,

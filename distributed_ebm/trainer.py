@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -225,8 +227,11 @@ def train_distributed(
     config = _check_before_workers(config, workers)
     started_ray = not ray.is_initialized()
     if started_ray:
+        sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  **({} if address else {"num_cpus": max(workers, 1)}))
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with sys.exit: keep the caller's
     local_gpus = None if address else float(ray.cluster_resources().get("GPU", 0))
     try:
         device = check_gpu_request(config.train.device, workers, gpus_per_worker, local_gpus)

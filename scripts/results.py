@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from distributed_ebm.evaluation import (
 )
 from distributed_ebm.inference import load_run
 from distributed_ebm.metrics.generative import generative_scores
+from distributed_ebm.rundir import save_sample_png, view_scale
 from distributed_ebm.train_loop import train
 
 ROOT = Path(__file__).parents[1]
@@ -52,17 +54,18 @@ CONDITIONAL_GGCN = {
     "train.data_batch_size": 100,
     "generator.latent_bank_size": 500,
 }
-MODELS = [  # (label, preset, overrides, data sets, inpainting method or None)
-    ("wGCN", "digits_wgcn.yaml", {}, ("digits", "mnist"), "langevin"),
-    ("MGCN", "digits_mgcn.yaml", {}, ("digits", "mnist"), None),
-    ("GGCN", "digits_ggcn.yaml", {}, ("digits", "mnist"), None),
-    ("GGCN+AMS", "digits_ggcn_ams.yaml", {}, ("digits", "mnist"), "generator"),
-    ("wGCN (conditional)", "digits_wgcn_cond.yaml", {}, ("digits",), None),
-    ("GGCN (conditional)", "digits_ggcn.yaml", CONDITIONAL_GGCN, ("digits",), None),
+MODELS = [  # (label, {data set: (preset, overrides)}, inpainting methods)
+    ("wGCN", {"digits": ("digits_wgcn.yaml", {}), "mnist": ("mnist_wgcn.yaml", {})}, ("langevin",)),
+    ("MGCN", {"digits": ("digits_mgcn.yaml", {}), "mnist": ("mnist_mgcn.yaml", {})}, ()),
+    ("GGCN", {"digits": ("digits_ggcn.yaml", {}), "mnist": ("mnist_ggcn.yaml", {})}, ("generator", "langevin")),
+    ("GGCN+AMS", {"digits": ("digits_ggcn_ams.yaml", {})}, ("generator",)),
+    ("wGCN (conditional)", {"digits": ("digits_wgcn_cond.yaml", {})}, ()),
+    ("GGCN (conditional)", {"digits": ("digits_ggcn.yaml", CONDITIONAL_GGCN), "mnist": ("mnist_ggcn_cond.yaml", {})},
+     ()),
 ]
-DATASETS = {  # name: (overrides, train.iterations (None: the preset's), classifier epochs)
-    "digits": ({}, None, 30),
-    "mnist": ({"data.source": "npz", "model.grid_sizes": [1, 7, 14, 28]}, 200, 5),
+DATASETS = {  # name: (overrides, classifier epochs); every preset trains for its own length
+    "digits": ({}, 30),
+    "mnist": ({"data.source": "npz"}, 5),
 }
 
 # Inception Scores on CIFAR-10 (32×32), Inception network on ImageNet: GGCN paper Table 2
@@ -100,9 +103,10 @@ def _run_dir(
     """The given run directory of `dataset:label`, or a freshly trained one (and train seconds)."""
     given = dict(item.split("=", 1) for item in args.run_dir).get(f"{dataset}:{label}")
     if given:
-        return Path(given), None
-    data_overrides, iterations, _ = DATASETS[dataset]
-    iterations = args.iterations or iterations
+        summary = Path(given) / "summary.json"
+        return Path(given), json.loads(summary.read_text())["wall_time_s"] if summary.is_file() else None
+    data_overrides, _ = DATASETS[dataset]
+    iterations = args.iterations
     overrides = {
         **data_overrides,
         **_dataset_paths(dataset, args),
@@ -125,11 +129,11 @@ def _dataset_paths(dataset: str, args) -> dict:
             f"MNIST is not at '{args.mnist}': pass --mnist PATH (an .npz with x_train, "
             "y_train) or --datasets digits."
         )
-    return {"data.path": str(args.mnist), "data.num_images": args.mnist_images}
+    return {"data.path": str(args.mnist), **({"data.num_images": args.mnist_images} if args.mnist_images else {})}
 
 
 def _settings(dataset: str, args, num: int) -> EvalSettings:
-    epochs = args.classifier_epochs or DATASETS[dataset][2]
+    epochs = args.classifier_epochs or DATASETS[dataset][1]
     return EvalSettings(
         num_samples=num, steps=args.steps, classifier_epochs=epochs, cache_dir=args.cache_dir
     )
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--iterations",
         type=int,
-        help="train.iterations of every model (default: digits the presets' 300, MNIST 200)",
+        help="train.iterations of every model (default: each preset's own)",
     )
     parser.add_argument(
         "--samples", type=int, default=1000, help="fresh samples (and reference images) per model"
@@ -204,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mnist", default=str(MNIST), help="MNIST .npz (x_train, y_train)")
     parser.add_argument(
-        "--mnist-images", type=int, default=10000, help="first N MNIST training images used"
+        "--mnist-images", type=int, help="first N MNIST training images used (default: all)"
     )
+    parser.add_argument("--png-dir", help="write each model's first 100 fresh samples here (4×+ up-scaled)")
     parser.add_argument(
         "--run-dir",
         action="append",
@@ -225,20 +230,29 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.runs or tempfile.mkdtemp(prefix="debm-results-"))
     started = time.perf_counter()
 
-    generation, inpainting, networks = [], [], {}
+    generation, inpainting, networks, pictures, agreement = [], [], {}, [], []
     for dataset in args.datasets:
         real_row, networks[dataset], real_is = _real_row(dataset, args, common)
         generation.append(real_row)
         print(" | ".join(real_row), flush=True)
-        for label, preset, overrides, datasets, method in MODELS:
-            if dataset not in datasets or (args.only and label not in args.only):
+        for label, presets, methods in MODELS:
+            if dataset not in presets or (args.only and label not in args.only):
                 continue
+            preset, overrides = presets[dataset]
             run_dir, train_s = _run_dir(label, dataset, preset, overrides, args, common, root)
             model = load_run(run_dir)
-            report = evaluate_generation(
-                model, model.config.data, _settings(dataset, args, args.samples)
-            )
+            report = evaluate_generation(model, model.config.data, _settings(dataset, args, args.samples))
+            source = report["samples"]
+            if args.png_dir:  # 100 more fresh samples, drawn the same way
+                fake = model.sample(100, steps=args.steps, seed=1)
+                name = f"{dataset}_{label.replace(' ', '_').replace('(', '').replace(')', '').replace('+', '_')}"
+                Path(args.png_dir).mkdir(parents=True, exist_ok=True)
+                save_sample_png(fake[:100], Path(args.png_dir) / f"{name}.png", nrow=10,
+                                scale=max(4, view_scale(fake.shape[-1])))
+                pictures.append((dataset, label, f"{Path(args.png_dir).name}/{name}.png"))
             s, conditional = report["scores"], bool(model.num_classes)
+            if "label_agreement" in report:
+                agreement.append((dataset, label, report["label_agreement"]))
             paper = PAPER_IS.get((label.split(" (")[0], conditional))
             generation.append(
                 [
@@ -252,15 +266,17 @@ def main(argv: list[str] | None = None) -> int:
                     *_score_cells(s, s["response_distance"]),
                     f"{model.iteration} it, "
                     + ("given run" if train_s is None else f"{train_s:.0f} s"),
+                    f"{source.get('langevin_steps') or _default_steps(model)}",
                 ]
             )
             print(" | ".join(generation[-1]), flush=True)
-            if method:
+            for method in methods:
                 settings = dataclasses.replace(
                     _settings(dataset, args, args.inpaint_images), method=method
                 )
-                masks = evaluate_inpainting(model, model.config.data, settings)["masks"]
-                for kind, m in masks.items():
+                report = evaluate_inpainting(model, model.config.data, settings)
+                for kind, m in report["masks"].items():
+                    b = report["baseline"]["masks"][kind]
                     inpainting.append(
                         [
                             dataset,
@@ -270,20 +286,34 @@ def main(argv: list[str] | None = None) -> int:
                             f"{m['psnr']:.2f}",
                             f"{m['ssim']:.3f}",
                             f"{m['fid']:.2f}",
+                            f"{m['missing_psnr']:.2f} / {b['missing_psnr']:.2f}",
+                            f"{m['missing_ssim']:.3f} / {b['missing_ssim']:.3f}",
+                            "yes" if m["missing_mse"] < b["missing_mse"] else "no",
                             PAPER_MASK_NAMES[kind],
                             *PAPER_INPAINTING[kind],
                         ]
                     )
                     print(" | ".join(inpainting[-1]), flush=True)
 
-    page = _page(argv, generation, inpainting, networks, args, time.perf_counter() - started)
+    page = _page(argv, generation, inpainting, networks, args, time.perf_counter() - started, pictures, agreement)
     if args.out:
         Path(args.out).write_text(page)
         print(f"written to {args.out}")
     return 0
 
 
-def _page(argv, generation, inpainting, networks, args, seconds: float) -> str:
+def _default_steps(model) -> int:
+    """The Langevin steps of the model's own fresh samples (per grid for multi-grid models)."""
+    config = model.config
+    if config.model.algorithm.startswith("ggcn"):
+        refine = config.generator.refine_steps
+        return config.langevin.langevin_steps if refine is None else refine
+    if config.model.algorithm in ("mgcn", "wmgcn"):
+        return config.langevin.langevin_steps
+    return config.langevin.sample_steps
+
+
+def _page(argv, generation, inpainting, networks, args, seconds: float, pictures=(), agreement=()) -> str:
     command = shlex.join(["scripts/results.py", *(argv if argv is not None else sys.argv[1:])])
     generation_table = emit_table(
         [
@@ -302,6 +332,7 @@ def _page(argv, generation, inpainting, networks, args, seconds: float) -> str:
             "coverage",
             "R",
             "trained",
+            "sampling steps",
         ],
         generation,
         None,
@@ -316,6 +347,9 @@ def _page(argv, generation, inpainting, networks, args, seconds: float) -> str:
                 "PSNR dB",
                 "SSIM",
                 "FID",
+                "hole PSNR dB: ours / biharmonic",
+                "hole SSIM: ours / biharmonic",
+                "ahead on the hole",
                 "paper mask",
                 "paper MSE",
                 "paper FID",
@@ -328,6 +362,12 @@ def _page(argv, generation, inpainting, networks, args, seconds: float) -> str:
         if inpainting
         else "(no inpainting rows run)"
     )
+    agreement_lines = "\n".join(
+        [f"Conditional models: the classifier puts {a:.1%} of the {dataset} samples drawn for a class in that class "
+         f"({label})." for dataset, label, a in agreement]) if agreement else ""
+    picture_lines = "\n\n".join(
+        f"{dataset}, {label} (100 fresh samples, nearest-neighbour up-scaled):\n\n![{dataset} {label}]({path})"
+        for dataset, label, path in pictures)
     network_lines = "\n".join(
         f"  - **{dataset}**: {n['name']}, hash `{n.get('hash')}`, trained {n.get('epochs')} "
         f"epochs on {n.get('num_images')} images (training accuracy "
@@ -378,7 +418,16 @@ model, scored against as many reference images of the training data; inpainting 
 
 {generation_table}
 
+{agreement_lines}
+
+{picture_lines}
+
 ## Inpainting (GGCN paper, Table 3)
+
+"hole" columns score the missing pixels only, ours beside a baseline on the same images and masks:
+the hole filled by biharmonic interpolation from the observed pixels (scikit-image's
+`inpaint_biharmonic`). The other columns are over the whole image (observed pixels included, as
+the paper's).
 
 {inpainting_table}
 """

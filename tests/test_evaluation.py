@@ -227,9 +227,10 @@ def test_evaluate_model_uri_scores_inpainting_in_a_new_run(tiny_run, cache_dir, 
         and report["samples"]["num"] == 12
     )
     assert set(report["masks"]) == {"square", "spots", "combined"}
-    for scores in report["masks"].values():
-        assert {"mse", "psnr", "ssim", "fid"} <= set(scores)
+    for kind, scores in report["masks"].items():
+        assert {"mse", "psnr", "ssim", "fid", "missing_mse", "missing_psnr", "missing_ssim"} <= set(scores)
         assert scores["mse"] > 0 and scores["fid"] >= 0
+        assert set(report["baseline"]["masks"][kind]) == set(scores)
     client = mlflow.MlflowClient(report["mlflow"]["uri"])
     logged = client.get_run(report["mlflow"]["run_id"])
     assert client.get_experiment(logged.info.experiment_id).name == "debm-evaluate"
@@ -237,19 +238,25 @@ def test_evaluate_model_uri_scores_inpainting_in_a_new_run(tiny_run, cache_dir, 
     assert logged.data.metrics["eval/inpainting/square/fid"] == pytest.approx(
         report["masks"]["square"]["fid"]
     )
+    assert logged.data.metrics["eval/inpainting/baseline/spots/missing_psnr"] == pytest.approx(
+        report["baseline"]["masks"]["spots"]["missing_psnr"]
+    )
 
 
 def test_identity_restoration_scores_zero_error(digits, network):
     images = digits.x[:40]
-    masks = inpainting_report(lambda x, missing: x.clone(), images, network)
-    assert set(masks) == {"square", "spots", "combined"}
-    for scores in masks.values():
+    masks, baseline = inpainting_report(lambda x, missing: x.clone(), images, network)
+    assert set(masks) == set(baseline) == {"square", "spots", "combined"}
+    for kind, scores in masks.items():
         assert (
-            scores["mse"] == 0
-            and scores["psnr"] == math.inf
+            scores["mse"] == scores["missing_mse"] == 0
+            and scores["psnr"] == scores["missing_psnr"] == math.inf
             and scores["ssim"] == pytest.approx(1.0)
+            and scores["missing_ssim"] == pytest.approx(1.0)
         )
         assert abs(scores["fid"]) < 1e-3
+        # the baseline only interpolates: it errs on the hole and nowhere else
+        assert baseline[kind]["missing_mse"] > baseline[kind]["mse"] > 0
 
 
 def test_inception_without_weights_names_the_file_to_provide(tiny_run, monkeypatch, tmp_path):

@@ -177,9 +177,16 @@ def test_inpaint_command_reports_scores(ggcn_run, tmp_path, capsys):
     assert main(["inpaint", "--run-dir", str(ggcn_run), "--num", "8", "--steps", "3", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "inpainting.json").read_text())
     assert set(report["masks"]) == {"square", "spots", "combined"}
-    for scores in report["masks"].values():
+    assert set(report["baseline"]["masks"]) == set(report["masks"]) and "biharmonic" in report["baseline"]["method"]
+    for kind, scores in report["masks"].items():
         assert scores["mse"] > 0 and 0 < scores["psnr"] < 60 and -1 <= scores["ssim"] <= 1
-    assert (tmp_path / "square.png").is_file()
+        # the error sits in the hole: per missing pixel it is larger than over the whole image
+        assert scores["missing_mse"] > scores["mse"] and scores["missing_psnr"] < scores["psnr"]
+        assert report["baseline"]["masks"][kind]["missing_mse"] > 0
+    printed = capsys.readouterr().out
+    assert "missing pixels: PSNR" in printed and "biharmonic baseline" in printed
+    from PIL import Image
+    assert Image.open(tmp_path / "square.png").size[1] == 4 * (8 * 14 + 1) + 1  # original, masked, baseline, restored
 
 
 def test_interpolation_endpoints_equal_generated_endpoints(ggcn_run, tmp_path):
@@ -194,7 +201,7 @@ def test_interpolation_endpoints_equal_generated_endpoints(ggcn_run, tmp_path):
         assert torch.allclose(images[:, column], expected, atol=1e-6)
     assert main(["interpolate", "--run-dir", str(ggcn_run), "--rows", "2", "--out", str(tmp_path / "i.png")]) == 0
     from PIL import Image
-    assert Image.open(tmp_path / "i.png").size == (10 * 9 + 1, 2 * 9 + 1)
+    assert Image.open(tmp_path / "i.png").size == (10 * (8 * 14 + 1) + 1, 2 * (8 * 14 + 1) + 1)  # 14× up-scaled
 
 
 def test_interpolate_and_label_errors(tmp_path, tiny_overrides, capsys):

@@ -432,3 +432,45 @@ def test_ggcn_restart_decisions_resume_bit_for_bit(tmp_path, tiny_overrides):
 def test_invalid_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         RunConfig().replace({key: value})
+
+
+def test_masked_langevin_inpainting_beats_biharmonic_interpolation_on_a_known_field():
+    """A Gaussian field of checkerboards and stripes (amplitudes ~ N(0, 0.15²), pixel noise 0.05) with
+    its exact energy: masked Langevin (observed pixels clamped, δ annealed) restores the missing
+    pixels far better than biharmonic interpolation, which smooths the high frequencies away; a
+    hole filled with noise does not."""
+    from distributed_ebm.inpainting import (
+        MASK_KINDS,
+        biharmonic_fill,
+        inpaint_langevin,
+        inpainting_scores,
+        make_masks,
+    )
+
+    size, amplitude, noise = 8, 0.15, 0.05
+    i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    patterns = torch.stack([(-1.0) ** (i + j), (-1.0) ** i, (-1.0) ** j, (-1.0) ** ((i + j) // 2)]).flatten(1).T
+    cov = amplitude**2 * patterns @ patterns.T + noise**2 * torch.eye(size * size)
+    precision = torch.linalg.inv(cov)
+    generator = torch.Generator().manual_seed(0)
+    amplitudes = amplitude * torch.randn(32, patterns.shape[1], generator=generator)
+    images = (amplitudes @ patterns.T + noise * torch.randn(32, size * size, generator=generator))
+    images = images.clamp(-1, 1).view(32, 1, size, size)
+
+    def phi(x: torch.Tensor) -> torch.Tensor:  # p(x) ∝ exp(Φ(x) − ‖x‖²/2): Φ = −½ xᵀPx + ½‖x‖²
+        flat = x.flatten(1)
+        return -0.5 * ((flat @ precision) * flat).sum(1) + 0.5 * flat.pow(2).sum(1)
+
+    for kind in MASK_KINDS:
+        missing = make_masks(kind, 32, size, generator=generator)
+        ours = inpaint_langevin(phi, images, missing, steps=1500, step_size=0.05, ref_sigma=1.0, anneal_to=0.005,
+                                generator=torch.Generator().manual_seed(1))
+        assert torch.equal(ours[missing == 0], images[missing == 0])
+        baseline = inpainting_scores(biharmonic_fill(images, missing), images, missing)
+        scores = inpainting_scores(ours, images, missing)
+        noise_fill = torch.where(missing.bool(), torch.rand(images.shape, generator=generator) * 2 - 1, images)
+        noisy = inpainting_scores(noise_fill, images, missing)
+        assert scores["missing_mse"] < 0.25 * baseline["missing_mse"], (kind, scores, baseline)
+        assert scores["missing_psnr"] > baseline["missing_psnr"] + 6
+        assert scores["missing_ssim"] > baseline["missing_ssim"]
+        assert noisy["missing_mse"] > baseline["missing_mse"]  # the bar is not one any fill clears

@@ -140,3 +140,31 @@ def test_two_workers_stream_shards_and_resume_their_positions_after_a_crash(tmp_
     # Each rank read 8 batches of 16 from its own two shards: its worker's position counts them.
     assert [r["data"]["positions"][0][1] for r in ranks] == [128, 128]
     assert summary["final"]["data_corrupt"] == 0 and summary["final"]["data_bad_shards"] == 0
+
+
+def test_debm_train_workers_through_the_cli_and_resume_made_explicit(tmp_path, ray_instance, capsys):
+    """`debm train --workers 2` via main(): its summary lines; a re-launch into the same storage is
+    refused without --resume and continues with it; --resume with nothing to resume is refused."""
+    from distributed_ebm.cli import main
+
+    run = tmp_path / "run"
+    sets = ["train.iterations=4", "train.checkpoint_every=2", "train.data_batch_size=16", "chains.bank_size=8",
+            "chains.batch_size=8", "langevin.langevin_steps=2", "model.channels=[8,16]", "train.sample_every=100"]
+    argv = ["train", "--config", str(CONFIGS / "digits_wgcn.yaml"), "--workers", "2", "--run-dir", str(run),
+            "--no-mlflow", *[a for kv in sets for a in ("--set", kv)]]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "completed: 4 iterations, 128 images seen" in out and f"run directory {run}" in out
+
+    assert main([*argv, "--set", "train.iterations=6"]) == 2  # same storage, no --resume
+    err = capsys.readouterr().err
+    assert "already holds checkpoints of run 'digits-wgcn'" in err and "pass --resume" in err
+
+    assert main([*argv, "--set", "train.iterations=6", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "Resuming run 'digits-wgcn' from Ray storage" in out and "completed: 6 iterations" in out
+
+    assert main([*argv[:-2 * len(sets)], "--run-dir", str(tmp_path / "new"), "--resume"]) == 2
+    assert "Nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", "--workers", "2"]) == 2
+    assert "--resume continues the run in --run-dir" in capsys.readouterr().err

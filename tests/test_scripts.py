@@ -26,3 +26,19 @@ def test_the_package_has_no_import_cycle_and_no_module_over_600_lines():
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no import cycles" in done.stdout
+
+
+def test_grey28_sets_are_28x28_grey_npz_files_the_presets_read(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import grey28_sets
+
+    from distributed_ebm.config import DataConfig
+    from distributed_ebm.data import load_dataset
+
+    assert grey28_sets.main(["--out", str(tmp_path), "--sets", "digits28,faces28,strokes28"]) == 0
+    for name, classes in (("digits28", 10), ("faces28", 2), ("strokes28", 3)):
+        train = load_dataset(DataConfig(source="npz", path=str(tmp_path / f"{name}.npz")))
+        test = load_dataset(DataConfig(source="npz", path=str(tmp_path / f"{name}.npz"), split="test"))
+        assert train.x.shape[1:] == test.x.shape[1:] == (1, 28, 28)
+        assert -1.0 <= float(train.x.min()) < float(train.x.max()) <= 1.0  # scaled to the data range, not blank
+        assert train.num_classes == classes and len(test) < len(train)

@@ -140,3 +140,61 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path, tiny_overrides, capsys):
     assert main(["train", "--run-dir", str(run), *_sets({**budget, "train.time_budget_s": 1e6}),
                  "--set", "train.iterations=3", "--resume"]) == 0  # the budget counts this process's time
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3]
+
+
+def test_sample_grids_are_upscaled_with_one_row_per_class(tmp_path):
+    """Image i drawn for class i mod K lands in row K; pixels are up-scaled to ≥ 112 px per image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from distributed_ebm.rundir import save_sample_png, view_scale
+
+    shades = torch.tensor([-1.0, 0.0, 1.0])  # class k's images are uniformly shades[k]
+    images = shades[torch.arange(30) % 3].view(30, 1, 1, 1).expand(30, 1, 4, 4).clone()
+    save_sample_png(images, tmp_path / "grid.png", classes=3)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L")).astype(float)
+    cell = 4 * view_scale(4) + 1  # image plus the 1-pixel grid line
+    assert view_scale(4) == 28 and view_scale(28) == 4 and view_scale(64) == 2
+    assert grid.shape == (3 * cell + 1, 10 * cell + 1)
+    for k, shade in enumerate(shades.tolist()):
+        row = grid[1 + k * cell : (k + 1) * cell, 1:-1]
+        inside = row[:, [c for c in range(row.shape[1]) if (c + 1) % cell]]  # skip grid lines
+        assert np.allclose(inside, round((shade + 1) / 2 * 255), atol=1)
+
+
+def test_sigterm_stops_the_run_with_one_line_naming_the_checkpoint_and_the_resume_command(tmp_path):
+    """A scheduler's SIGTERM ends `debm train` like Ctrl-C: exit 130, no traceback, one line with the
+    last checkpoint and the command that resumes (the same arguments plus --resume)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [sys.executable, "-m", "distributed_ebm.cli", "train", "--config", str(CONFIGS / "digits_wgcn.yaml"),
+            "--run-dir", str(run), "--set", "train.iterations=100000", "--set",
+            "train.checkpoint_every=5", "--set", "model.channels=[8]", "--set", "chains.bank_size=8",
+            "--set", "chains.batch_size=8", "--set", "langevin.langevin_steps=2"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": uri})
+    deadline = time.time() + 120
+    from distributed_ebm.checkpoint import latest_checkpoint
+
+    while (not (run / "checkpoints").is_dir() or latest_checkpoint(run / "checkpoints") is None) \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err
+    (line,) = [row for row in err.splitlines() if row.startswith("debm: interrupted")]
+    assert "last checkpoint" in line and str(run / "checkpoints" / "iter-") in line
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    (logged,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name != "Default"])
+    assert logged.info.status == "KILLED" and logged.data.tags["debm.status"] == "interrupted"
+    command = line.split("Resume with: debm ")[1]
+    assert command.startswith("train --config") and f"--run-dir {run}" in command and command.endswith(" --resume")

@@ -136,10 +136,10 @@ def test_search_stops_collapsed_and_poor_trials_and_registers_a_champion(first_s
 def test_a_worse_search_registers_but_does_not_move_the_champion(first_search, tmp_path, capsys):
     client = _client()
     before = client.get_model_version_by_alias(MODEL, "champion")
-    # Chains that never move (L = 0) stay far from the data: R ≈ 0.45 against ≈ 0.16.
+    # Chains that hardly move (one step of δ = 1e-6) stay far from the data: R ≈ 0.45 against ≈ 0.16.
     space = _write_space(tmp_path, {
         "base": str(CONFIGS / "digits_wgcn.yaml"),
-        "fixed": {**TINY, "train.iterations": 4, "langevin.langevin_steps": 0,
+        "fixed": {**TINY, "train.iterations": 4, "langevin.langevin_steps": 1, "langevin.step_size": 1.0e-6,
                   "tracking.registered_model": MODEL, "tracking.experiment": "tune-test"},
         "report_every": 2,
         "params": {"optim.lr": {"grid": [1.0e-3, 3.0e-3]}},
@@ -282,3 +282,43 @@ def test_a_collapsed_trial_that_kept_running_still_reports_the_worst_value():
     result = final_result(summary, SMOOTHED_R, "min")  # stop_on_collapse: false ran it to its end
     assert (result[SMOOTHED_R], result["measured"], result["trial_status"]) == (WORST, 0.01, "collapsed")
     assert final_result({**summary, "collapsed": False}, SMOOTHED_R, "min")[SMOOTHED_R] == 0.01
+
+
+def test_a_search_ranks_trials_by_the_fid_of_their_fresh_samples(ray_instance, tmp_path):
+    """metric fresh_fid: every report and the end score fresh samples of the newest checkpoint in
+    one feature space, trained once by the driver; the best trial is the lowest FID."""
+    from distributed_ebm.tuning.quality import FRESH_FID, FreshFID
+
+    space = _write_space(tmp_path, {
+        "base": str(CONFIGS / "digits_wgcn.yaml"),
+        "fixed": {**TINY, "train.iterations": 4, "train.checkpoint_every": 2, "tracking.enabled": False},
+        "metric": FRESH_FID, "fid_samples": 64, "fid_steps": 5, "report_every": 2, "max_concurrent": 1,
+        "params": {"langevin.step_size": {"grid": [0.2, 0.05]}},
+    })
+    loaded = load_space(space)
+    assert (loaded.metric, loaded.mode, loaded.fid_samples, loaded.fid_steps) == (FRESH_FID, "min", 64, 5)
+    result = run_search(loaded, trials=2, out_dir=tmp_path / "out", verbose=0)
+    cache = tmp_path / "out" / "feature-cache"
+    assert len([p for p in cache.rglob("*") if p.is_file() and p.suffix == ".pt"]) == 1  # one network, shared
+    scorer = FreshFID(cache_dir=str(cache), samples=64, steps=5)
+    for trial in result.trials:
+        assert trial.status == "completed"
+        assert trial.value == pytest.approx(scorer.score(trial.run_dir)[FRESH_FID], rel=1e-5)  # final checkpoint
+        reports = [json.loads(line) for line in
+                   (tmp_path / "out" / "ray" / "space" / trial.trial_id / "result.json").read_text().splitlines()]
+        assert [(r["iteration"], r["fresh_fid_iteration"]) for r in reports] == [(2, 2), (4, 4)]
+        assert all(r[FRESH_FID] > 0 and r["fresh_fid_seconds"] > 0 for r in reports)
+    assert result.best is min(result.trials, key=lambda t: t.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("metric: fresh_fid\nmode: max\n", "'fresh_fid' is a distance: use 'mode: min'"),
+    ("fid_samples: 100\n", "'fid_samples' only applies with 'metric: fresh_fid'"),
+    ("metric: fresh_fid\nfid_samples: 0\n", "'fid_samples' must be a whole number ≥ 1, got 0"),
+    ("metric: fresh_fid\nfid_steps: -2\n", "'fid_steps' must be null"),
+])
+def test_fresh_fid_settings_are_checked(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(f"base: {CONFIGS / 'digits_wgcn.yaml'}\nparams:\n  optim.lr: {{choice: [1.0e-3]}}\n{text}")
+    with pytest.raises(ConfigError, match=message):
+        load_space(path)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from .. import __version__
 from ..config import ConfigError
 from . import evaluate, inpaint, interpolate, sample, serve, shards, train, tune
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `debm` parser: every subcommand's, each dispatching to its module's `run`."""
     parser = argparse.ArgumentParser(prog="debm", description="Train and use FRAME-family energy-based models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"debm {__version__} (distributed_ebm)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers).set_defaults(func=command.run)

@@ -168,11 +168,11 @@ def _print_summary(report: dict, out: Path) -> None:
         f"({network.get('hash') or network.get('weights')})"
     )
     if report["task"] == "inpainting":
+        from ..inpainting import describe_scores
+
+        baseline = report.get("baseline", {}).get("masks", {})
         for kind, s in report["masks"].items():
-            print(
-                f"{kind:9s} MSE {s['mse']:.4f}  PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.3f}  "
-                f"FID {s['fid']:.2f}"
-            )
+            print(describe_scores(kind, s, baseline.get(kind)))
     else:
         s = report["scores"]
         print(

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {} if labels is None else {"y": labels.cpu().numpy()}
     np.savez(out, x=samples.numpy(), source=source, iteration=model.iteration, weights=model.weights, **extra)
     if args.png:
-        save_sample_png(samples, args.png)
+        cycled = labels is not None and args.label is None  # one row per class
+        save_sample_png(samples, args.png, classes=model.num_classes if cycled else None)
     print(f"{len(samples)} samples ({source}) from iteration {model.iteration} written to {out}")
     return 0

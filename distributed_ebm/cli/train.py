@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from ..config import load_config, parse_overrides
+from ..checkpoint import SHARED_FILE
+from ..config import ConfigError, load_config, parse_overrides
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,18 +44,25 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    run_dir = Path(args.run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if args.run_dir and RAY_JOB_ENV in os.environ and not Path(args.run_dir).is_absolute():
+        raise ConfigError(
+            f"--run-dir '{args.run_dir}' is relative: inside a Ray job it would land in Ray's temporary copy of "
+            "--working-dir, which Ray deletes after the job. Give an absolute path every node mounts, or leave "
+            "--run-dir out and pass --storage /path/every/node/mounts.")
+    if args.resume and not args.run_dir:
+        raise ConfigError("--resume continues the run in --run-dir: name the run directory to resume "
+                          "(with --workers, its Ray storage: --storage, default RUN_DIR/ray).")
+    run_dir = Path(args.run_dir or _default_run_dir(args, config.name)).resolve()
     if args.workers > 0:
-        from ..trainer import train_distributed
-
-        summary = train_distributed(
-            config, run_dir=run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-            address=args.address, storage=args.storage, max_failures=args.max_failures,
-        )
-    else:
-        from ..train_loop import train
-
-        summary = train(config, run_dir, resume=args.resume)
+        _check_ray_resume(args, config.name, run_dir)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends the run like Ctrl-C
+    try:
+        summary = _train(args, config, run_dir)
+    except KeyboardInterrupt:
+        print(_interrupted_line(args, config.name, run_dir), file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     collapse, recoveries = summary["collapse"], summary.get("recoveries", [])
     print(
         f"{summary['status']}{' (train.time_budget_s ran out)' if summary.get('stopped_by') == 'time_budget' else ''}: "
@@ -72,3 +83,79 @@ def run(args: argparse.Namespace) -> int:
         ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
         print(f"Look at it: {ui}  (then http://127.0.0.1:5000/#/experiments/{summary['mlflow_experiment_id']})")
     return 0
+
+
+def _check_ray_resume(args: argparse.Namespace, name: str, run_dir: Path) -> None:
+    """Ray Train continues a run from its storage (STORAGE/NAME) whenever that holds a checkpoint:
+    make that explicit. Without --resume, a storage that holds one is refused; with --resume, a
+    local storage that holds none is. (A remote storage, s3://…, is not listed here: Ray resumes
+    from it if it holds a checkpoint.)"""
+    storage = args.storage or str(run_dir / "ray")
+    if "://" in storage:
+        if args.resume:
+            print(f"Resuming from Ray storage {storage.rstrip('/')}/{name} if it holds a checkpoint.")
+        return
+    held = sorted(p.parent.name for p in (Path(storage) / name).glob(f"*/{SHARED_FILE}"))
+    if held and not args.resume:
+        raise ConfigError(
+            f"Ray storage '{Path(storage) / name}' already holds checkpoints of run '{name}' (latest {held[-1]}): "
+            "pass --resume to continue it, or start a new run with another --run-dir, --storage or name.")
+    if args.resume and not held:
+        raise ConfigError(
+            f"Nothing to resume: Ray storage '{Path(storage) / name}' holds no checkpoint of run '{name}'. "
+            "Name the run's --run-dir (and --storage if it had one), or drop --resume to start afresh.")
+    if args.resume:
+        print(f"Resuming run '{name}' from Ray storage {Path(storage) / name} (latest checkpoint {held[-1]}).")
+
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's entrypoint
+
+
+def _default_run_dir(args: argparse.Namespace, name: str) -> Path:
+    """runs/NAME-TIME; inside a Ray job (`ray job submit`) the working directory is Ray's temporary
+    copy of --working-dir, deleted after the job: there the run goes to STORAGE/runs/NAME-TIME
+    with a local --storage every node mounts, and a relative or missing --run-dir is refused."""
+    stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if RAY_JOB_ENV not in os.environ:
+        return Path("runs") / stamp
+    if args.storage and "://" not in args.storage and Path(args.storage).is_absolute():
+        return Path(args.storage) / "runs" / stamp
+    raise ConfigError(
+        "Inside a Ray job the working directory is Ray's temporary copy of --working-dir, which Ray deletes "
+        "after the job: pass --storage /path/every/node/mounts (the run directory then goes to "
+        "STORAGE/runs/NAME-TIME) or an absolute --run-dir on such a path.")
+
+
+def _train(args: argparse.Namespace, config, run_dir: Path) -> dict:
+    if args.workers > 0:
+        from ..trainer import train_distributed
+
+        return train_distributed(
+            config, run_dir=run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+            address=args.address, storage=args.storage, max_failures=args.max_failures,
+        )
+    from ..train_loop import train
+
+    return train(config, run_dir, resume=args.resume)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupted_line(args: argparse.Namespace, name: str, run_dir: Path) -> str:
+    """One line: where the run stopped and the command that continues it."""
+    from ..checkpoint import latest_checkpoint
+
+    if args.workers > 0:
+        storage = Path(args.storage) if args.storage and "://" not in args.storage else run_dir / "ray"
+        held = sorted(p.parent for p in (storage / name).glob(f"*/{SHARED_FILE}"))
+        latest = held[-1] if held else None
+    else:
+        latest = latest_checkpoint(run_dir / "checkpoints")
+    argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train"]
+    argv = [a for a in argv if a != "--resume"]
+    if "--run-dir" not in argv:
+        argv += ["--run-dir", str(run_dir)]
+    where = f"last checkpoint {latest}" if latest else "no checkpoint yet (a resume starts afresh)"
+    return f"debm: interrupted; {where}. Resume with: debm {shlex.join(argv)} --resume"

@@ -159,7 +159,10 @@ def _fit(space: SearchSpace, base: RunConfig, name: str, trials: int, out_dir: P
     setup = TrialSetup(base=base.to_dict(), trials_dir=str(out_dir / "trials"), metric=space.metric,
                        mode=space.mode, report_every=space.report_every,
                        stop_on_collapse=space.stop_on_collapse, checkpoints=kind.checkpoints,
-                       workers=workers, gpus_per_worker=gpus_per_worker, storage=storage)
+                       workers=workers, gpus_per_worker=gpus_per_worker, storage=storage,
+                       fresh_fid=space.fresh_fid(str(out_dir / "feature-cache")))
+    if setup.fresh_fid is not None:  # one feature network for every trial, trained before the first
+        setup.fresh_fid.prepare(base.data)
     # A Ray Train trial's driver only waits on its workers, which hold the trial's CPUs: it asks
     # for no CPU (Tune refuses an empty request, hence some memory).
     resources = {"cpu": 1} if workers == 0 else {"cpu": 0, "memory": DRIVER_MEMORY}

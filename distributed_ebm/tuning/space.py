@@ -17,11 +17,12 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, RunConfig, did_you_mean, flatten, load_config
+from .quality import FRESH_FID, FreshFID
 
 SMOOTHED_R = "response_distance_smoothed"  # mean R over the last SMOOTHING iterations
 SMOOTHING = 10  # iterations averaged into SMOOTHED_R, as summary.json's final_response_distance
 # Metrics every algorithm reports each iteration, any of which a space may optimise.
-METRICS = (SMOOTHED_R, "response_distance", "energy_gap_z", "collapse_r_ratio",
+METRICS = (SMOOTHED_R, FRESH_FID, "response_distance", "energy_gap_z", "collapse_r_ratio",
            "collapse_energy_gap", "chain_saturation", "phi_data", "phi_chains", "energy_data",
            "energy_chains", "grad_norm_theta")
 TIME_ATTRS = ("iteration", "images_seen")  # the clocks a scheduler may count in
@@ -226,6 +227,14 @@ class SearchSpace:
     scheduler_options: dict = field(default_factory=dict)
     searcher: str = "random"
     searcher_options: dict = field(default_factory=dict)
+    fid_samples: int = 500  # metric fresh_fid: fresh samples per score (tuning/quality.py)
+    fid_steps: int | None = None  # metric fresh_fid: their Langevin steps; None: the model's default
+
+    def fresh_fid(self, cache_dir: str) -> FreshFID | None:
+        """How trials score their fresh samples, when the search ranks by them."""
+        if self.metric != FRESH_FID:
+            return None
+        return FreshFID(cache_dir=cache_dir, samples=self.fid_samples, steps=self.fid_steps)
 
     def param_space(self) -> dict[str, Any]:
         """The Tune param_space: dotted key → domain."""
@@ -245,6 +254,8 @@ class SearchSpace:
                 "scheduler": self.scheduler, "searcher": self.searcher,
                 "report_every": str(self.report_every),
                 "stop_on_collapse": str(self.stop_on_collapse)}
+        if self.metric == FRESH_FID:
+            info.update(fid_samples=str(self.fid_samples), fid_steps=str(self.fid_steps))
         info.update({f"scheduler.{k}": str(v) for k, v in self.scheduler_options.items()})
         info.update({f"searcher.{k}": str(v) for k, v in self.searcher_options.items()})
         info.update({f"search.{p.key}": f"{p.distribution}{list(p.arguments)}"
@@ -252,7 +263,8 @@ class SearchSpace:
         return info
 
 
-SETTINGS = ("name", "metric", "mode", "report_every", "stop_on_collapse", "max_concurrent")
+SETTINGS = ("name", "metric", "mode", "report_every", "stop_on_collapse", "max_concurrent", "fid_samples",
+            "fid_steps")
 SPACE_KEYS = ("base", "fixed", "params", "scheduler", "searcher", *SETTINGS)
 
 
@@ -338,12 +350,13 @@ def _base_config(where: _Located, top: dict, overrides: dict) -> RunConfig:
             raise where.error(node, f"Base preset '{preset}' does not exist: 'base' is a path "
                                     "relative to the space file, e.g. ../configs/digits_wgcn.yaml.")
     config = load_config(preset)
-    if "fixed" in top:
-        for key, key_node, node in where.pairs(top["fixed"][1], "fixed"):
-            try:
-                config = config.replace({key: _value(node)})
-            except ConfigError as err:
-                raise where.error(key_node, f"{err} (in 'fixed')") from None
+    if "fixed" in top:  # together: keys that must agree (a batch within its bank) are set at once
+        pairs = where.pairs(top["fixed"][1], "fixed")
+        try:
+            config = config.replace({key: _value(node) for key, _, node in pairs})
+        except ConfigError as err:  # point at the line of the key the message names
+            line = next((key_node for key, key_node, _ in pairs if f"'{key}'" in str(err)), top["fixed"][0])
+            raise where.error(line, f"{err} (in 'fixed')") from None
     return config.replace(overrides)
 
 
@@ -394,10 +407,18 @@ def _check_settings(where: _Located, top: dict, settings: dict) -> None:
                              f"{did_you_mean(str(settings['metric']), list(METRICS))}")
     if "mode" in settings and settings["mode"] not in ("min", "max"):
         raise fail("mode", f"'mode' is 'min' or 'max', got {settings['mode']!r}.")
-    for key in ("report_every", "max_concurrent"):
+    for key in ("report_every", "max_concurrent", "fid_samples"):
         value = settings.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise fail(key, f"'{key}' must be a whole number ≥ 1, got {value!r}.")
+    steps = settings.get("fid_steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+        raise fail("fid_steps", f"'fid_steps' must be null (the model's default) or a step count ≥ 0, got {steps!r}.")
+    for key in ("fid_samples", "fid_steps"):
+        if key in settings and settings.get("metric") != FRESH_FID:
+            raise fail(key, f"'{key}' only applies with 'metric: {FRESH_FID}'.")
+    if settings.get("metric") == FRESH_FID and settings.get("mode", "min") != "min":
+        raise fail("mode", f"'{FRESH_FID}' is a distance: use 'mode: min'.")
     if not isinstance(settings.get("stop_on_collapse", True), bool):
         raise fail("stop_on_collapse", "'stop_on_collapse' must be true or false.")
 

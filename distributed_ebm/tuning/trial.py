@@ -31,6 +31,7 @@ from ..trainer import (
     read_summary,
     worker_config,
 )
+from .quality import FRESH_FID, FreshFID
 from .space import SMOOTHED_R, SMOOTHING
 
 # What a collapsed trial reports (negated when maximising): finite, because ASHA interpolates
@@ -53,6 +54,8 @@ class TrialReporter:
     checkpoints: str | None = None  # attach RUN_DIR/checkpoints/iter-N to each report (PBT)
     worst: float = float("inf")  # what a collapsed trial reports as the search metric
     metric: str = SMOOTHED_R
+    fresh_fid: FreshFID | None = None  # metric fresh_fid: score the newest checkpoint of `run_dir`
+    run_dir: str | None = None
     recent: deque = field(default_factory=lambda: deque(maxlen=SMOOTHING))
     collapsed: bool = False
 
@@ -63,6 +66,8 @@ class TrialReporter:
         if last or iteration % self.every:
             return
         result = {**_numeric(metrics), SMOOTHED_R: sum(self.recent) / len(self.recent)}
+        if self.fresh_fid is not None and not self.collapsed:  # rank 0 scores; Tune takes rank 0's report
+            result.update(self.fresh_fid.score(self.run_dir) if rank == 0 else {FRESH_FID: math.nan})
         if self.collapsed:  # from the first collapse on (stop_on_collapse: false keeps it running)
             result[self.metric] = self.worst
         if self.send_to == "train":
@@ -98,6 +103,7 @@ class TrialSetup:
     workers: int  # Ray Train workers per trial; 0: `train` in the trial's process
     gpus_per_worker: float
     storage: str  # Ray storage of the Ray Train trials' checkpoints
+    fresh_fid: FreshFID | None = None  # metric fresh_fid: how trials score their fresh samples
 
 
 def trial_config(setup: TrialSetup, params: dict, trial_id: str) -> RunConfig:
@@ -120,13 +126,17 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     reporter = TrialReporter(setup.report_every, config.train.iterations, setup.stop_on_collapse,
                              "tune" if setup.workers == 0 else "train",
                              str(run_dir / "checkpoints") if setup.checkpoints else None,
-                             worst=WORST if setup.mode == "min" else -WORST, metric=setup.metric)
+                             worst=WORST if setup.mode == "min" else -WORST, metric=setup.metric,
+                             fresh_fid=setup.fresh_fid, run_dir=str(run_dir))
     if setup.workers == 0:  # the trial's own process, on the GPU Tune gave it or on the CPU
         config = config.replace({"train.device": check_gpu_request(config.train.device, 1, setup.gpus_per_worker)})
         summary = _train_here(config, run_dir, reporter, resume)
     else:
         summary = _train_with_ray_train(config, run_dir, reporter, setup)
-    ray.tune.report(final_result(summary, setup.metric, setup.mode))
+    scored = None
+    if setup.fresh_fid is not None and summary["status"] == "completed":
+        scored = setup.fresh_fid.score(run_dir)  # the final checkpoint
+    ray.tune.report(final_result(summary, setup.metric, setup.mode, scored))
 
 
 def _train_here(config: RunConfig, run_dir: Path, reporter: TrialReporter, resume: bool) -> dict:
@@ -172,16 +182,18 @@ def _train_with_ray_train(config: RunConfig, run_dir: Path, reporter: TrialRepor
     return summary
 
 
-def final_result(summary: dict, metric: str, mode: str) -> dict:
-    """A trial's last report: its final metrics, status and the search metric. A collapsed trial
-    reports WORST (the measured value under `measured`) so no searcher or scheduler prefers it."""
+def final_result(summary: dict, metric: str, mode: str, scored: dict | None = None) -> dict:
+    """A trial's last report: its final metrics, status and the search metric (`scored`: the
+    fresh-sample FID of its final checkpoint, metric fresh_fid). A collapsed trial reports WORST
+    (the measured value under `measured`) so no searcher or scheduler prefers it."""
     stopped = summary["status"] in ("collapsed", "diverged") or bool(summary.get("collapsed"))
     collapse = summary.get("collapse") or {}
+    final = {**summary["final"], **(scored or {})}
     measured = (summary.get("final_response_distance") if metric == SMOOTHED_R
-                else summary["final"].get(metric))
+                else final.get(metric))
     measured = math.nan if measured is None else float(measured)
     worst = WORST if mode == "min" else -WORST
-    return {**_numeric(summary["final"]), "iteration": summary["iterations"],
+    return {**_numeric(final), "iteration": summary["iterations"],
             "images_seen": summary["images_seen"], metric: worst if stopped else measured,
             "measured": measured, "trial_status": "collapsed" if stopped else "completed",
             "collapse_reason": collapse.get("reason", ""),
