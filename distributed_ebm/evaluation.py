@@ -298,6 +298,8 @@ def evaluate_generation(
         settings,
         response_bank_seed=model.config.train.response_bank_seed,
         filter_bank=model.config.model.filter_bank,
+        # a conditional model's fresh samples cycle through the classes: score that agreement
+        fake_labels=None if settings.from_bank else model.labels_for(len(fake), None),
     )
     report["wall_time_s"] = time.perf_counter() - started
     return report

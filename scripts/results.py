@@ -166,6 +166,7 @@ def _real_row(dataset: str, args, common: dict) -> tuple[list[str], dict, float]
         "1.00",
         *_score_cells(s, r),
         "–",
+        "–",
     ]
     return row, network.describe(), s["is_mean"]
 
@@ -381,7 +382,7 @@ Produced by
     .venv/bin/python {command}
 
 in {seconds / 60:.1f} minutes on the 2-core CPU machine. Every sample is **fresh** (new chains or
-new g(ζ) run the model's `langevin.sample_steps`; never the persistent bank), {args.samples} per
+new g(ζ) run through the model's own sampler, steps in the column "sampling steps"; never the persistent bank), {args.samples} per
 model, scored against as many reference images of the training data; inpainting restores
 {args.inpaint_images} masked reference images per mask. Library: `distributed_ebm/evaluation.py`
 (the same code as `debm evaluate`).

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     fixed = parse_overrides(args.set)
     root = Path(args.runs or tempfile.mkdtemp(prefix="debm-sweep-"))
     keys = [axis[0][0] for axis in axes]
-    header = keys + ["status", "collapse", "final R (mean of last 10)", "excess saturation", "wall s"]
+    header = keys + ["status", "collapse", "recoveries", "final R (mean of last 10)", "excess saturation",
+                     "iterations", "wall s"]
     rows = []
     for combo in itertools.product(*axes):
         overrides = {"tracking.enabled": False, **fixed, **dict(combo)}
@@ -61,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             + [
                 summary["status"],
                 "no" if collapse is None else f"{collapse['reason']} @ {collapse['iteration']}",
+                ", ".join(f"{r['reason']} @ {r['iteration']}" for r in summary.get("recoveries", [])) or "none",
                 f"{summary['final_response_distance']:.4f}" if summary["final_response_distance"] is not None else "nan",
                 f"{excess_saturation(final.get('chain_saturation', math.nan), final.get('data_saturation', 0.0)):+.2f}",
+                str(summary["iterations"]),
                 f"{summary['wall_time_s']:.0f}",
             ]
         )

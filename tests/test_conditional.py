@@ -25,3 +25,11 @@ def test_conditional_samples_are_classified_as_their_label(tmp_path):
         (classifier.predict(model.sample(20, label=k, seed=k).flatten(1).numpy()) == k).mean() for k in range(10)
     ])
     assert agreement > AGREEMENT_BAR, f"classifier agreement {agreement:.2f}"
+    # `debm evaluate`'s library scores the same property: fresh samples cycle through the classes
+    # and the report says how often the feature classifier puts each in its class.
+    from distributed_ebm.evaluation import EvalSettings, evaluate_generation
+
+    report = evaluate_generation(model, model.config.data, EvalSettings(
+        num_samples=200, classifier_epochs=3, kid_subsets=5, cache_dir=str(tmp_path / "cache")))
+    assert report["label_agreement"] > AGREEMENT_BAR - 0.1, report["label_agreement"]
+    assert report["samples"]["labels"].startswith("cycling through the 10 classes")
