@@ -9,6 +9,10 @@ import os
 # tests (scripts/gpu_check.sh). Set before torch initialises CUDA, which it does lazily.
 if os.environ.get("DEBM_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# No usage reports leave a test run: Ray's usage stats and MLflow's telemetry are off (both are
+# inherited by the Ray workers, MLflow servers and CLI subprocesses the tests start).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

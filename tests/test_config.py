@@ -149,3 +149,11 @@ def test_inside_a_ray_job_the_run_directory_goes_to_the_storage(tmp_path, monkey
     assert run_dir.parent == tmp_path / "runs" and run_dir.name.startswith("demo-")
     monkeypatch.delenv(RAY_JOB_ENV)
     assert _default_run_dir(argparse.Namespace(storage=None), "demo").parent == Path("runs")
+
+
+def test_usage_reports_are_off_in_tests():
+    """conftest turns off Ray's usage stats and MLflow's telemetry for the suite and its subprocesses."""
+    from mlflow.telemetry.utils import is_telemetry_disabled
+    from ray._common.usage.usage_lib import usage_stats_enabled
+
+    assert is_telemetry_disabled() and not usage_stats_enabled()
