@@ -275,10 +275,15 @@ def score_generation(
     return report
 
 
-def _refine_steps(config) -> int:
-    """Langevin steps after g(ζ): generator.refine_steps, else L."""
-    refine = config.generator.refine_steps
-    return config.langevin.langevin_steps if refine is None else refine
+def default_sample_steps(config) -> int:
+    """The Langevin steps of a model's own fresh samples: after g(ζ) generator.refine_steps (else
+    L) for GGCN, L per grid for multi-grid models, langevin.sample_steps for the others."""
+    if config.model.algorithm.startswith("ggcn"):
+        refine = config.generator.refine_steps
+        return config.langevin.langevin_steps if refine is None else refine
+    if config.model.algorithm in ("mgcn", "wmgcn"):
+        return config.langevin.langevin_steps
+    return config.langevin.sample_steps
 
 
 def evaluate_generation(
@@ -402,7 +407,7 @@ def evaluate_inpainting(
         settings.steps
         if settings.steps is not None
         else (
-            _refine_steps(model.config)
+            default_sample_steps(model.config)
             if settings.method == "generator"
             else model.config.langevin.sample_steps
         )

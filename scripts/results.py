@@ -32,6 +32,7 @@ from tables import emit_table
 from distributed_ebm.config import ConfigError, load_config, parse_overrides
 from distributed_ebm.evaluation import (
     EvalSettings,
+    default_sample_steps,
     evaluate_generation,
     evaluate_inpainting,
     feature_network,
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     *_score_cells(s, s["response_distance"]),
                     f"{model.iteration} it, "
                     + ("given run" if train_s is None else f"{train_s:.0f} s"),
-                    f"{source.get('langevin_steps') or _default_steps(model)}",
+                    f"{source.get('langevin_steps') or default_sample_steps(model.config)}",
                 ]
             )
             print(" | ".join(generation[-1]), flush=True)
@@ -301,17 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(page)
         print(f"written to {args.out}")
     return 0
-
-
-def _default_steps(model) -> int:
-    """The Langevin steps of the model's own fresh samples (per grid for multi-grid models)."""
-    config = model.config
-    if config.model.algorithm.startswith("ggcn"):
-        refine = config.generator.refine_steps
-        return config.langevin.langevin_steps if refine is None else refine
-    if config.model.algorithm in ("mgcn", "wmgcn"):
-        return config.langevin.langevin_steps
-    return config.langevin.sample_steps
 
 
 def _page(argv, generation, inpainting, networks, args, seconds: float, pictures=(), agreement=()) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint import SHARED_FILE
+from ..checkpoint import latest_checkpoint
 from ..config import ConfigError, load_config, parse_overrides
 
 
@@ -90,22 +90,29 @@ def _check_ray_resume(args: argparse.Namespace, name: str, run_dir: Path) -> Non
     make that explicit. Without --resume, a storage that holds one is refused; with --resume, a
     local storage that holds none is. (A remote storage, s3://…, is not listed here: Ray resumes
     from it if it holds a checkpoint.)"""
-    storage = args.storage or str(run_dir / "ray")
-    if "://" in storage:
+    storage = _ray_run_storage(args, name, run_dir)
+    if storage is None:
         if args.resume:
-            print(f"Resuming from Ray storage {storage.rstrip('/')}/{name} if it holds a checkpoint.")
+            print(f"Resuming from Ray storage {args.storage.rstrip('/')}/{name} if it holds a checkpoint.")
         return
-    held = sorted(p.parent.name for p in (Path(storage) / name).glob(f"*/{SHARED_FILE}"))
-    if held and not args.resume:
+    latest = latest_checkpoint(storage)
+    if latest and not args.resume:
         raise ConfigError(
-            f"Ray storage '{Path(storage) / name}' already holds checkpoints of run '{name}' (latest {held[-1]}): "
+            f"Ray storage '{storage}' already holds checkpoints of run '{name}' (latest {latest.name}): "
             "pass --resume to continue it, or start a new run with another --run-dir, --storage or name.")
-    if args.resume and not held:
+    if args.resume and not latest:
         raise ConfigError(
-            f"Nothing to resume: Ray storage '{Path(storage) / name}' holds no checkpoint of run '{name}'. "
+            f"Nothing to resume: Ray storage '{storage}' holds no checkpoint of run '{name}'. "
             "Name the run's --run-dir (and --storage if it had one), or drop --resume to start afresh.")
     if args.resume:
-        print(f"Resuming run '{name}' from Ray storage {Path(storage) / name} (latest checkpoint {held[-1]}).")
+        print(f"Resuming run '{name}' from Ray storage {storage} (latest checkpoint {latest.name}).")
+
+
+def _ray_run_storage(args: argparse.Namespace, name: str, run_dir: Path) -> Path | None:
+    """The local folder where Ray Train keeps this run's checkpoints (STORAGE/NAME, default
+    RUN_DIR/ray/NAME); None for a remote storage (s3://…)."""
+    storage = args.storage or str(run_dir / "ray")
+    return None if "://" in storage else Path(storage) / name
 
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's entrypoint
@@ -145,16 +152,9 @@ def _interrupt(signum, frame) -> None:
 
 def _interrupted_line(args: argparse.Namespace, name: str, run_dir: Path) -> str:
     """One line: where the run stopped and the command that continues it."""
-    from ..checkpoint import latest_checkpoint
-
-    if args.workers > 0:
-        storage = Path(args.storage) if args.storage and "://" not in args.storage else run_dir / "ray"
-        held = sorted(p.parent for p in (storage / name).glob(f"*/{SHARED_FILE}"))
-        latest = held[-1] if held else None
-    else:
-        latest = latest_checkpoint(run_dir / "checkpoints")
-    argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train"]
-    argv = [a for a in argv if a != "--resume"]
+    storage = _ray_run_storage(args, name, run_dir) if args.workers > 0 else run_dir / "checkpoints"
+    latest = latest_checkpoint(storage) if storage is not None else None
+    argv = [a for a in args.argv if a != "--resume"]  # the command as given (cli.main keeps it)
     if "--run-dir" not in argv:
         argv += ["--run-dir", str(run_dir)]
     where = f"last checkpoint {latest}" if latest else "no checkpoint yet (a resume starts afresh)"
