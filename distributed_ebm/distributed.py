@@ -112,17 +112,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if group_size() == 1 else _SumOverGroup.apply(tensor)
 
 
-def batch_shares(counts: list[int], device: torch.device) -> tuple[float, ...]:
+def batch_shares(counts: list[int], device: torch.device) -> tuple[float | torch.Tensor, ...]:
     """Each of this worker's batch sizes (`counts`, e.g. [data images, chains]) as a share of the
     group's total, times the number of workers: 1.0 for equal shards and in one process.
 
     A batch mean weighted by its share is the worker's part of the global batch's mean, so the
     averaged gradients (`all_reduce_gradients`) are the global batch's, also when a re-split left
-    unequal shards (12 chains on 5 workers: 3, 3, 2, 2, 2). One all-reduce of len(counts) + 1 numbers."""
+    unequal shards (12 chains on 5 workers: 3, 3, 2, 2, 2). One all-reduce of len(counts) + 1 numbers;
+    in a group the shares are 0-d float32 tensors on `device`, never read back to the host."""
     if group_size() == 1:
         return (1.0,) * len(counts)
-    totals = all_reduce_sum(torch.tensor([*counts, 1], dtype=torch.float64, device=device)).tolist()
-    return tuple(count * totals[-1] / total for count, total in zip(counts, totals))
+    mine = torch.tensor([*counts, 1], dtype=torch.float64).to(device)
+    totals = all_reduce_sum(mine)
+    return tuple((mine[:-1] * totals[-1] / totals[:-1]).float().unbind())
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -162,22 +164,53 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         self.running_var.mul_(1 - factor).add_(unbiased_var, alpha=factor)
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
-    """Average scalar metrics over the group (identity in one process); `sum_keys` are summed."""
-    if group_size() == 1:
-        return values
-    keys = sorted(k for k, v in values.items() if isinstance(v, float))
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    scale = torch.tensor([1.0 if k in sum_keys else 1.0 / dist.get_world_size() for k in keys],
-                         dtype=torch.float64, device=device)
-    return {**values, **dict(zip(keys, (tensor * scale).tolist()))}
+class MetricWindow:
+    """Scalar metrics of consecutive iterations, kept on the device until a flush.
+
+    Each `add` stacks an iteration's device values (0-d tensors) into one tensor on the device and
+    keeps its host values (Python numbers) on the host: nothing is read back. `flush` averages
+    every row over the group (`sum_keys` summed) in one all-reduce and reads the window back in
+    one transfer: one host sync per flush, however many iterations and metrics it holds. Rows may
+    hold different keys (a metric of every k-th iteration); every rank must add the same keys.
+    """
+
+    def __init__(self, device: torch.device, sum_keys: tuple[str, ...] = ()):
+        self.device, self.sum_keys = device, sum_keys
+        self.rows: list[tuple[list[str], torch.Tensor | None, dict[str, float]]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, values: dict) -> None:
+        """One iteration's metrics: 0-d tensors (read at the flush), Python floats (averaged at
+        the flush like the tensors) and other values (kept as they are)."""
+        keys = sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
+        on_device = torch.stack([values[k].detach().reshape(()).double() for k in keys]) if keys else None
+        self.rows.append((keys, on_device, {k: v for k, v in values.items() if k not in keys}))
+
+    def flush(self, rank_zero_flag: bool = False) -> tuple[list[dict], bool]:
+        """(every row as a dict of floats, averaged over the group, in the order added; rank 0's
+        `rank_zero_flag`, the same on every rank), and empty the window."""
+        rows, self.rows = self.rows, []
+        host_keys = [sorted(k for k, v in h.items() if isinstance(v, float)) for _, _, h in rows]
+        host = [float(h[k]) for (_, _, h), keys in zip(rows, host_keys) for k in keys]
+        world = group_size()
+        flag = float(rank_zero_flag) if world == 1 or dist.get_rank() == 0 else 0.0
+        flat = torch.cat([t for _, t, _ in rows if t is not None]
+                         + [torch.tensor([*host, flag], dtype=torch.float64).to(self.device, non_blocking=True)])
+        if world > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        *values, flag = flat.tolist()  # the one read of the window
+        segments = [keys for keys, _, _ in rows] + host_keys  # each row's device keys, then its host keys
+        it = iter(values)
+        parts = [{k: next(it) / (1 if k in self.sum_keys else world) for k in keys} for keys in segments]
+        n = len(rows)
+        return [{**rows[i][2], **parts[n + i], **parts[i]} for i in range(n)], flag != 0.0
 
 
-def rank_zero_says(flag: bool, device: torch.device) -> bool:
-    """Rank 0's `flag` on every rank (one broadcast), so that all ranks take rank 0's decision."""
-    if group_size() == 1:
-        return flag
-    tensor = torch.tensor([float(flag)], device=device)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
+def all_reduce_mean(values: dict, device: torch.device, sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """One iteration's scalar metrics (0-d tensors or numbers) as floats, averaged over the group
+    (identity in one process); `sum_keys` are summed. A `MetricWindow` of one row."""
+    window = MetricWindow(device, sum_keys)
+    window.add(values)
+    return window.flush()[0][0]

@@ -2,10 +2,12 @@
 
 Read it top to bottom: set up (rank, outputs, data, training state), resume if asked, then for
 each iteration: a data batch → the algorithm's train_step (Langevin on this rank's chains,
-losses, all-reduced gradients, optimiser step) → metrics → collapse check (and, when it fires
-and recoveries are left, a rollback to the last healthy state: recovery.py) → outputs,
-checkpoint, callbacks; until train.iterations, a collapse that stops the run, or
-train.time_budget_s. Progress is counted in images seen. Rank 0's files and MLflow live behind
+losses, all-reduced gradients, optimiser step) → its metrics, kept on the device. At a flush
+point (every train.log_every iterations, each checkpoint, sample grid and the last iteration) the
+window of metrics is all-reduced and read back in one host sync, then settled row by row:
+collapse check (and, when it fires and recoveries are left, a rollback to the last healthy
+state: recovery.py) → outputs, checkpoint, callbacks; until train.iterations, a collapse that
+stops the run, or train.time_budget_s (checked at flush points). Progress is counted in images seen. Rank 0's files and MLflow live behind
 `outputs.RunOutputs`; the state that a checkpoint holds lives in `state.RunState`.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from .checkpoint import CheckpointStore, LocalCheckpointStore, checkpoint_name
 from .config import RunConfig
 from .data import training_data
-from .distributed import all_reduce_mean, all_reduce_sum, current_context, rank_zero_says
+from .distributed import MetricWindow, all_reduce_sum, current_context
 from .metrics import ResponseDistance
 from .outputs import RunOutputs
 from .recovery import INITIAL, Recovery, collapse_message
@@ -97,44 +99,53 @@ def train(
         store.save(name, lambda directory: state.save(directory, ctx), metrics, ctx.is_main)
         recovery.remember(state, name)
 
-    budget = config.train.time_budget_s
+    budget, iterations = config.train.time_budget_s, config.train.iterations
     started, stopped_by, metrics, samples = time.perf_counter(), "iterations", {}, None
-    with outputs.closed_on_interrupt():  # Ctrl-C / SIGTERM: the MLflow run ends KILLED
-        while state.iteration < config.train.iterations:
-            tick = time.perf_counter()
-            y, labels = data.batch(config.train.data_batch_size, state.generators["data"])
-            y, labels = y.to(ctx.device), None if labels is None else labels.to(ctx.device)
-            out = state.algorithm.train_step(state.train, y, labels, generator=state.generators["chains"],
-                                             iteration=state.iteration)
-            out.metrics["response_distance"] = float(response(out.samples, y, sum_over_group=all_reduce_sum))
-            out.metrics.update(data.counters())
-            metrics, samples = all_reduce_mean(out.metrics, ctx.device, sum_keys=SUMMED), out.samples
-            metrics.update(state.knobs(), recovery=len(state.recoveries))  # δ, λ in use; recoveries so far
-            state.iteration += 1
-            state.images_seen += config.train.data_batch_size * ctx.world_size
-            metrics.update(state.collapse.update(state.iteration, metrics))
-            metrics.update(iteration=state.iteration, images_seen=state.images_seen, seconds=time.perf_counter() - tick)
+    window, tick = MetricWindow(ctx.device, sum_keys=SUMMED), started  # metrics stay on the device until a flush
 
+    def settle(rows: list[dict], out_of_time: bool, seconds: float) -> str | None:
+        """The flushed rows, in order: collapse check, outputs, checkpoint, callbacks. Returns why
+        the run stops, "rollback" after a collapse recovery (the rows after it are dropped), or None."""
+        nonlocal metrics
+        for metrics in rows:
+            metrics.update(state.collapse.update(metrics["iteration"], metrics), seconds=seconds)
             outputs.record(metrics, samples, y)
             if metrics["collapse"] and recovery.possible(state):
                 outputs.rolled_back(recovery.roll_back(state, metrics), config.collapse.max_recoveries)
                 save_checkpoint({"iteration": state.iteration, "recovery": len(state.recoveries)})
-                continue
+                return "rollback"
             if metrics["collapse_reason"] == "nonfinite":
-                stopped_by = "divergence"
-                break
-            # Rank 0's clock decides for every rank, so that all stop at the same iteration.
-            out_of_time = budget is not None and rank_zero_says(time.perf_counter() - started >= budget, ctx.device)
-            if (state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations
-                    or out_of_time):
+                return "divergence"
+            last = metrics["iteration"] == state.iteration  # flush points include every checkpoint's iteration
+            if metrics["iteration"] % config.train.checkpoint_every == 0 or metrics["iteration"] == iterations or (
+                    out_of_time and last):
                 save_checkpoint(metrics)
             for callback in callbacks:
-                callback(iteration=state.iteration, rank=ctx.rank, metrics=metrics)
+                callback(iteration=metrics["iteration"], rank=ctx.rank, metrics=metrics)
             if metrics["collapse"] and (config.collapse.stop_on_collapse or recovery.enabled):
-                stopped_by = "collapse"  # with recovery on: none left, or no healthy state to return to
-                break
-            if out_of_time:
-                stopped_by = "time_budget"
+                return "collapse"  # with recovery on: none left, or no healthy state to return to
+        return "time_budget" if out_of_time else None
+
+    with outputs.closed_on_interrupt():  # Ctrl-C / SIGTERM: the MLflow run ends KILLED
+        while state.iteration < iterations:
+            y, labels = data.batch(config.train.data_batch_size, state.generators["data"])
+            y, labels = y.to(ctx.device), None if labels is None else labels.to(ctx.device)
+            out = state.algorithm.train_step(state.train, y, labels, generator=state.generators["chains"],
+                                             iteration=state.iteration)
+            out.metrics["response_distance"] = response(out.samples, y, sum_over_group=all_reduce_sum)
+            state.iteration += 1
+            state.images_seen += config.train.data_batch_size * ctx.world_size
+            window.add({**out.metrics, **data.counters(), **state.knobs(),  # δ, λ in use
+                        "recovery": len(state.recoveries), "iteration": state.iteration, "images_seen": state.images_seen})
+            samples = out.samples
+            if not _flush_due(config, state.iteration):
+                continue
+            # One host read for the window; rank 0's clock decides for every rank, so all stop together.
+            rows, out_of_time = window.flush(budget is not None and time.perf_counter() - started >= budget)
+            outcome = settle(rows, out_of_time, seconds=(time.perf_counter() - tick) / len(rows))
+            tick = time.perf_counter()
+            if outcome not in (None, "rollback"):
+                stopped_by = outcome
                 break
 
     summary = {**_outcome(config, state, stopped_by, recovery, store), "iterations": state.iteration,
@@ -145,6 +156,14 @@ def train(
     if summary["status"] == "diverged":
         raise TrainingDiverged(summary["message"])
     return summary
+
+
+def _flush_due(config: RunConfig, iteration: int) -> bool:
+    """Whether the metrics of the iterations so far are read back after `iteration`: every
+    train.log_every iterations, and at every checkpoint, sample grid and the last iteration."""
+    train = config.train
+    return any(iteration % every == 0 for every in (train.log_every, train.checkpoint_every, train.sample_every)) or (
+        iteration == train.iterations)
 
 
 def _describe(state: RunState, data, response: ResponseDistance, ctx) -> dict:

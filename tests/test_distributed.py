@@ -52,7 +52,7 @@ def _single_process_update(algorithm):
                                         data_mean=torch.zeros(1, 1, 8, 8))
     x_syn = torch.cat([state.sampler(state.energy, chains[r * M : (r + 1) * M],
                                      generator=torch.Generator().manual_seed(100 + r)) for r in range(2)])
-    gamma = jko_gamma(config.train.seed, 7, x_syn.device) if ALGORITHMS[algorithm].jko else None
+    gamma = jko_gamma(config.train.seed, 7) if ALGORITHMS[algorithm].jko else None
     loss = energy_loss(state.energy, data, None, chains, x_syn, None, gamma=gamma,
                        jko_weight=config.model.jko_weight, penalty_params=config.model.penalty_params).loss
     energy_step(state, state.energy, loss)
@@ -163,7 +163,9 @@ def _group_and_single_step(tmp_path, algorithm, chains, images, arch="v0"):
                                            str(tmp_path)), nprocs=len(chains), start_method="fork")
     workers = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(chains))]
     bank, data = _step_inputs(algorithm, sum(chains), sum(images))
-    return workers, _one_step(algorithm, bank, data, chains, tuple(range(len(chains))), arch=arch)
+    single = _one_step(algorithm, bank, data, chains, tuple(range(len(chains))), arch=arch)
+    single["metrics"] = all_reduce_mean(single["metrics"], torch.device("cpu"))  # one process: the values as floats
+    return workers, single
 
 
 def _relative_gap(a, b):

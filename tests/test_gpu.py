@@ -148,3 +148,34 @@ def test_langevin_loop_has_no_host_sync_on_cuda():
         langevin(energy, x0, **knobs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("preset", ["wgcn", "ggcn", "mgcn"])
+def test_training_loop_syncs_once_per_log_every_on_cuda(tmp_path, preset):
+    """CUDA's own sync detector (set_sync_debug_mode "warn"): 20 more iterations at log_every 10
+    cost at most 2 more synchronising calls (the flushes), as the CPU counter in test_train.py says."""
+    import warnings
+
+    from distributed_ebm.config import load_config
+    from distributed_ebm.train_loop import train as train_loop
+
+    config_path, overrides = PRESETS[preset]
+    sets = dict(kv.split("=", 1) for kv in [*TINY, *overrides])
+    base = {k: json.loads(v) for k, v in sets.items()}
+    counts, places = {}, {}
+    for iterations in (10, 30):
+        config = load_config(ROOT / config_path, {**base, "train.iterations": iterations, "train.log_every": 10,
+                                                  "train.checkpoint_every": 1000, "train.sample_every": 1000,
+                                                  "train.device": "cuda", "tracking.enabled": False})
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_loop(config, tmp_path / f"run-{iterations}", progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        counts[iterations] = len(syncs)
+        places[iterations] = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+    assert counts[30] - counts[10] <= 2, (counts, places)

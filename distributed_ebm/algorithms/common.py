@@ -108,7 +108,7 @@ class TrainState:
 class StepOutput:
     """What one learning iteration reports."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor | float]  # 0-d tensors on the device (read at the loop's flush: no host sync)
     samples: torch.Tensor  # the chains after this iteration's Langevin run (x_syn), finest grid
 
 
@@ -121,9 +121,10 @@ def make_optimizer(params: list[nn.Parameter], config: OptimConfig) -> torch.opt
     raise ConfigError(f"Unknown optim.optimizer '{config.optimizer}'. Choose 'sgd' or 'adam'.")
 
 
-def grad_norm(params: list[torch.Tensor]) -> float:
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor | float:
+    """The norm of the gradients of `params` (a 0-d tensor on their device; 0.0 without any)."""
     grads = [p.grad.flatten() for p in params if p.grad is not None]
-    return float(torch.cat(grads).norm()) if grads else 0.0
+    return torch.cat(grads).norm() if grads else 0.0
 
 
 def langevin_settings(config: LangevinConfig, data_range: tuple[float, float]) -> LangevinSettings:
@@ -143,9 +144,10 @@ def langevin_settings(config: LangevinConfig, data_range: tuple[float, float]) -
     )
 
 
-def jko_gamma(seed: int, iteration: int, device: torch.device) -> torch.Tensor:
-    """γ ~ U[0, 1] of the JKO penalty: one draw per iteration, the same on every rank."""
-    return torch.rand((), generator=shared_generator(seed, iteration)).to(device)
+def jko_gamma(seed: int, iteration: int) -> float:
+    """γ ~ U[0, 1] of the JKO penalty: one draw per iteration, the same on every rank, drawn on
+    the host (a CPU generator, read through numpy: never a device sync)."""
+    return float(torch.rand((), generator=shared_generator(seed, iteration)).numpy())
 
 
 @dataclass
@@ -155,13 +157,13 @@ class EnergyLoss:
     loss: torch.Tensor
     phi_data: torch.Tensor
     phi_syn: torch.Tensor
-    terms: dict[str, float]  # loss_mle (+ penalty_prev, penalty_syn, gamma with JKO; loss_l2 with α > 0)
+    terms: dict[str, torch.Tensor | float]  # 0-d tensors; loss_mle (+ penalty_prev, penalty_syn, gamma with JKO; loss_l2 with α > 0)
 
 
 def energy_loss(energy: Energy, data: torch.Tensor, data_labels: torch.Tensor | None, x_prev: torch.Tensor,
                 x_syn: torch.Tensor, syn_labels: torch.Tensor | None, *, gamma: torch.Tensor | float | None = None,
                 jko_weight: float = 0.0, penalty_params: str = "theta", energy_l2: float = 0.0,
-                shares: tuple[float, float] = (1.0, 1.0)) -> EnergyLoss:
+                shares: tuple[float | torch.Tensor, float | torch.Tensor] = (1.0, 1.0)) -> EnergyLoss:
     """L_mle, or with `gamma` given L_w = L_mle + (β/2)((1 − γ) P(x_prev) + γ P(x_syn)); plus
     α (mean Φ(y)² + mean Φ(x_syn)²) with `energy_l2` = α > 0.
 
@@ -177,47 +179,52 @@ def energy_loss(energy: Energy, data: torch.Tensor, data_labels: torch.Tensor | 
     phi_data = energy(data, data_labels) if data_labels is not None else energy(data)
     phi_syn = energy(x_syn, syn_labels) if syn_labels is not None else energy(x_syn)
     loss = mle_loss(data_share * phi_data, chain_share * phi_syn)  # the means are linear in Φ
-    terms: dict[str, float] = {"loss_mle": float(loss.detach())}
+    terms: dict[str, torch.Tensor | float] = {"loss_mle": loss.detach()}
     if energy_l2:  # mean (√s·Φ)² = s·mean Φ²
         l2 = energy_l2_loss(data_share**0.5 * phi_data, chain_share**0.5 * phi_syn, weight=energy_l2)
         loss = loss + l2
-        terms["loss_l2"] = float(l2.detach())
+        terms["loss_l2"] = l2.detach()
     if gamma is not None:
         score = energy.score_reaching(penalty_params, syn_labels)
         penalty_prev, penalty_syn = (chain_share * score_grad_penalty(score, x) for x in (x_prev, x_syn))
         loss = jko_loss(loss, penalty_prev, penalty_syn, jko_weight=jko_weight, gamma=gamma)
-        terms.update(penalty_prev=float(penalty_prev.detach()), penalty_syn=float(penalty_syn.detach()),
-                     gamma=float(gamma))
+        terms.update(penalty_prev=penalty_prev.detach(), penalty_syn=penalty_syn.detach(), gamma=float(gamma))
     return EnergyLoss(loss, phi_data.detach(), phi_syn.detach(), terms)
 
 
+def nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
+    """1.0 if any entry of `tensors` is NaN or ±Inf, else 0.0: a 0-d tensor, not read back."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    return (~finite).float()
+
+
 def energy_diagnostics(result: EnergyLoss, data: torch.Tensor, x_syn: torch.Tensor, *, ref_sigma: float,
-                       shares: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
+                       shares: tuple[float | torch.Tensor, float | torch.Tensor] = (1.0, 1.0)) -> dict[str, torch.Tensor]:
     """The loss, mean Φ and U on data and chains, and what the collapse detector watches:
     the energy gap, chain and data saturation, and whether anything became NaN/Inf. Means are
     weighted by their `shares` (`energy_loss`), so that the group's average is the global batch's;
-    the energy gap is the global batch's."""
+    the energy gap is the global batch's. All are 0-d tensors on the device: nothing is read back."""
     (data_share, chain_share), phi_data, phi_syn = shares, result.phi_data, result.phi_syn
     return {
-        "loss": float(result.loss.detach()),
-        "phi_data": data_share * float(phi_data.mean()),
-        "phi_chains": chain_share * float(phi_syn.mean()),
-        "energy_data": data_share * float(energy_u(phi_data, data, ref_sigma=ref_sigma).mean()),
-        "energy_chains": chain_share * float(energy_u(phi_syn, x_syn, ref_sigma=ref_sigma).mean()),
+        "loss": result.loss.detach(),
+        "phi_data": data_share * phi_data.mean(),
+        "phi_chains": chain_share * phi_syn.mean(),
+        "energy_data": data_share * energy_u(phi_data, data, ref_sigma=ref_sigma).mean(),
+        "energy_chains": chain_share * energy_u(phi_syn, x_syn, ref_sigma=ref_sigma).mean(),
         "energy_gap_z": energy_gap_z(phi_data, phi_syn, sum_over_group=all_reduce_sum),
         "chain_saturation": chain_share * saturation(x_syn),
         "data_saturation": data_share * saturation(data),
-        "nonfinite": float(not bool(torch.isfinite(x_syn).all() and torch.isfinite(result.loss))),
+        "nonfinite": nonfinite(x_syn, result.loss),
     }
 
 
 def energy_objective(state: TrainState, energy: Energy, data: torch.Tensor, data_labels: torch.Tensor | None,
                      x_prev: torch.Tensor, x_syn: torch.Tensor, syn_labels: torch.Tensor | None, *,
-                     jko: bool, iteration: int, shares: tuple[float, float]) -> tuple[torch.Tensor, dict[str, float]]:
+                     jko: bool, iteration: int, shares: tuple) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The run's energy loss (L_w with the config's β and this iteration's γ when `jko`) and its
     metrics; `shares`: the data's and the chains' `batch_shares`."""
     cfg = state.config
-    gamma = jko_gamma(cfg.train.seed, iteration, x_syn.device) if jko else None
+    gamma = jko_gamma(cfg.train.seed, iteration) if jko else None
     result = energy_loss(energy, data, data_labels, x_prev, x_syn, syn_labels, gamma=gamma,
                          jko_weight=cfg.model.jko_weight, penalty_params=cfg.model.penalty_params,
                          energy_l2=cfg.model.energy_l2, shares=shares)
@@ -226,7 +233,7 @@ def energy_objective(state: TrainState, energy: Energy, data: torch.Tensor, data
 
 
 def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dict[str, list[nn.Parameter]],
-                   clip: float | None) -> dict[str, float]:
+                   clip: float | None) -> dict[str, torch.Tensor | float]:
     """Backward, all-reduce the gradients, clip, step the optimiser `name`, then step the EMA of
     the models it updates (train.ema_decay).
 
@@ -245,7 +252,7 @@ def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dic
     return norms
 
 
-def energy_step(state: TrainState, energy: Energy, loss: torch.Tensor) -> dict[str, float]:
+def energy_step(state: TrainState, energy: Energy, loss: torch.Tensor) -> dict[str, torch.Tensor | float]:
     """One optimiser step on θ and w of `energy` (the "energy" optimiser); gradient norms."""
     theta, w = energy.split_parameters()
     return optimizer_step(state, "energy", loss, {"theta": theta, "w": w}, state.config.optim.grad_clip)

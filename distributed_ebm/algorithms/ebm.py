@@ -22,6 +22,7 @@ from .common import (
     energy_objective,
     energy_step,
     make_optimizer,
+    nonfinite,
     optimizer_step,
 )
 
@@ -186,7 +187,7 @@ class MultiGridAlgorithm:
             t, v = energy.split_parameters()
             theta, w = theta + t, w + v
         metrics.update(optimizer_step(state, "energy", total, {"theta": theta, "w": w}, cfg.optim.grad_clip))
-        metrics["nonfinite"] = max(metrics["nonfinite"], float(not torch.isfinite(total).item()))
+        metrics["nonfinite"] = torch.maximum(metrics["nonfinite"], nonfinite(total))
         return StepOutput(metrics, chains[-1][1])
 
     def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,

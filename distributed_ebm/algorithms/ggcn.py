@@ -102,7 +102,7 @@ class GGCNAlgorithm:
         loss, metrics = energy_objective(state, energy, data, data_labels, x, x_hat, syn_labels, jko=self.jko,
                                          iteration=iteration, shares=shares)
         metrics.update(energy_step(state, energy, loss))
-        metrics["langevin_shift"] = shares[1] * float((x_hat - x).flatten(1).norm(dim=1).mean())
+        metrics["langevin_shift"] = shares[1] * (x_hat - x).flatten(1).norm(dim=1).mean().detach()
 
         if (iteration + 1) % gcfg.generator_every == 0:
             z = z.detach().requires_grad_(self.learned_latents)
@@ -122,7 +122,7 @@ class GGCNAlgorithm:
             # Only ξ (and ζ above) step here; the energy's .grad is cleared before its next step.
             metrics.update(optimizer_step(state, "generator", gen_loss, {"xi": list(gen_net.parameters())},
                                           cfg.optim.grad_clip))
-            metrics["loss_generator"] = float(gen_loss.detach())
+            metrics["loss_generator"] = gen_loss.detach()
         return StepOutput(metrics, x_hat)
 
     def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,

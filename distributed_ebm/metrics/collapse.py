@@ -24,9 +24,9 @@ from ..config import CollapseConfig
 BOUND = 0.999  # |x| at or beyond this counts as sitting at the bounds of [-1, 1]
 
 
-def saturation(x: torch.Tensor) -> float:
-    """Fraction of entries of x at or beyond the bounds of [-1, 1]."""
-    return float((x.abs() >= BOUND).float().mean())
+def saturation(x: torch.Tensor) -> torch.Tensor:
+    """Fraction of entries of x at or beyond the bounds of [-1, 1] (a 0-d tensor, not read back)."""
+    return (x.detach().abs() >= BOUND).float().mean()
 
 
 def excess_saturation(chain_saturation: float, data_saturation: float) -> float:
@@ -35,8 +35,9 @@ def excess_saturation(chain_saturation: float, data_saturation: float) -> float:
 
 
 def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor, *,
-                 sum_over_group: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """|mean Φ(data) − mean Φ(chains)| in units of the data batch's Φ standard deviation.
+                 sum_over_group: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """|mean Φ(data) − mean Φ(chains)| in units of the data batch's Φ standard deviation (a 0-d
+    float64 tensor on Φ's device, not read back).
 
     With `sum_over_group` (distributed.all_reduce_sum) the batches are the whole group's: the
     means and the (unbiased) deviation come from Φ's counts, sums and sums of squares summed over
@@ -44,12 +45,11 @@ def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor, *,
     d, s = phi_data.detach().double(), phi_syn.detach().double()
     moments = torch.stack([d.new_tensor(len(d)), d.sum(), d.square().sum(), s.new_tensor(len(s)), s.sum()])
     n_data, sum_data, squares_data, n_syn, sum_syn = (
-        moments if sum_over_group is None else sum_over_group(moments)).tolist()
+        moments if sum_over_group is None else sum_over_group(moments)).unbind()
     mean_data = sum_data / n_data
-    variance = (squares_data - sum_data * mean_data) / (n_data - 1) if n_data > 1 else 0.0
-    spread = math.sqrt(max(variance, 0.0))
-    gap = abs(mean_data - sum_syn / n_syn)
-    return gap / max(spread, 1e-6) if gap > 0 else 0.0
+    variance = torch.where(n_data > 1, (squares_data - sum_data * mean_data) / (n_data - 1).clamp_min(1), 0.0)
+    spread = variance.clamp_min(0.0).sqrt()
+    return (mean_data - sum_syn / n_syn).abs() / spread.clamp_min(1e-6)
 
 
 class CollapseDetector:
