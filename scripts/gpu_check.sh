@@ -6,7 +6,8 @@
 #   2. the `gpu` tests (tests/test_gpu.py: one-process runs, Ray Train with one GPU, CPU→GPU resume,
 #      sample/inpaint/interpolate/evaluate on CUDA, bf16/compile/channels-last against the plain
 #      path, a Langevin loop without host syncs),
-#   3. benchmarks/langevin.py and benchmarks/training.py on CUDA,
+#   3. benchmarks/langevin.py and benchmarks/training.py on CUDA, and benchmarks/preset_memory.py
+#      (memory and speed per worker of the papers' presets),
 # and writes OUT/SUMMARY.md with the figures (chain-steps/s, images/s, peak memory, bf16 and compile
 # speed-ups against the fp32 eager path).
 #
@@ -55,6 +56,9 @@ echo "[gpu-check] training benchmark"
 timeout 100 $PY benchmarks/training.py --device cuda --rgb32 --iterations 40 --set model.channels=[64,128,256] \
     --set chains.bank_size=256 --set chains.batch_size=256 --set train.data_batch_size=256 \
     --json "$out/training.json" 2>&1 | grep -v "it/s" | tee "$out/training.md" | tail -12
+echo "[gpu-check] presets for the papers' workloads: memory and speed per worker"
+timeout 180 $PY benchmarks/preset_memory.py --device cuda --json "$out/preset_memory.json" 2>&1 \
+    | tee "$out/preset_memory.md" | tail -10
 
 {
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes')"
@@ -79,6 +83,10 @@ timeout 100 $PY benchmarks/training.py --device cuda --rgb32 --iterations 40 --s
     echo "## Training (benchmarks/training.py --device cuda --rgb32, 256 chains, channels 64-128-256)"
     echo
     grep -E "^\||^#" "$out/training.md"
+    echo
+    echo "## Presets for the papers' workloads (benchmarks/preset_memory.py --device cuda, one worker)"
+    echo
+    grep -E "^\||^#" "$out/preset_memory.md"
 } > "$out/SUMMARY.md"
 echo "[gpu-check] summary: $out/SUMMARY.md"
 exit "$tests_rc"

@@ -42,3 +42,29 @@ def test_grey28_sets_are_28x28_grey_npz_files_the_presets_read(tmp_path):
         assert train.x.shape[1:] == test.x.shape[1:] == (1, 28, 28)
         assert -1.0 <= float(train.x.min()) < float(train.x.max()) <= 1.0  # scaled to the data range, not blank
         assert train.num_classes == classes and len(test) < len(train)
+
+
+def test_preset_memory_benchmark_reports_each_preset_on_the_cpu(tmp_path):
+    """benchmarks/preset_memory.py trains a paper preset (shrunk) on synthetic images of its size in
+    a child process and reports its chains per worker and a positive peak memory, labelled as a CPU
+    estimate; a preset that fails is a row with its error, not a crash."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    shrink = ["model.channels=[8,16]", "generator.base_width=8", "generator.latent_bank_size=8",
+              "chains.batch_size=4", "train.data_batch_size=4", "langevin.langevin_steps=2"]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "preset_memory.py"), "--device", "cpu", "--iterations", "3",
+         "--warmup", "1", "--presets", "configs/cifar10_ggcn_cond_paper.yaml,configs/missing.yaml",
+         "--json", str(out), *[a for kv in shrink for a in ("--set", kv)]],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    good, missing = json.loads(out.read_text())
+    assert good["algorithm"] == "ggcn" and good["image_size"] == 32 and good["chains_per_worker"] == 4
+    assert good["peak_mib"] > 0 and good["memory"].startswith("CPU estimate") and good["s_per_iteration"] > 0
+    assert "error" in missing
+    assert "| cifar10_ggcn_cond_paper | ggcn | 32² | 4 | 2 | 8-16 |" in done.stdout
