@@ -70,7 +70,7 @@ def measure(preset: str, sets: list[str], args, workdir: Path) -> dict:
         return {"preset": preset, "error": f"debm train exited {code}"}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    seconds = statistics.median(r["seconds"] for r in rows[args.warmup:] or rows)
+    seconds = statistics.median(r["seconds"] for r in [r for r in rows if r["iteration"] > args.warmup] or rows)
     if args.device == "cuda":
         peak, method = torch.cuda.max_memory_allocated() / 2**20, "measured (torch.cuda.max_memory_allocated)"
     else:  # ru_maxrss is in KiB on Linux

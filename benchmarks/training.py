@@ -60,7 +60,7 @@ def run_variant(name: str, args, base_sets: list[str], workdir: Path) -> dict:
         return {"variant": name, "error": f"debm train exited {code}"}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     config = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
-    seconds = statistics.median(r["seconds"] for r in rows[args.warmup:])
+    seconds = statistics.median(r["seconds"] for r in [r for r in rows if r["iteration"] > args.warmup] or rows)
     chains = config["chains"]["batch_size"]
     steps = config["langevin"]["langevin_steps"]
     return {

@@ -61,6 +61,14 @@ def make_generator(base_seed: int, rank: int, stream: str, device: torch.device)
     return gen
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a CPU tensor goes to a GPU through pinned memory, non-blocking: the
+    host does not wait for the GPU (a copy from pageable memory would synchronise)."""
+    if tensor.device == device or device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def shared_generator(base_seed: int, iteration: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator that gives the same stream on every rank for this iteration (e.g. the JKO γ,
     which must be one draw per iteration for the whole group)."""
@@ -122,7 +130,7 @@ def batch_shares(counts: list[int], device: torch.device) -> tuple[float | torch
     in a group the shares are 0-d float32 tensors on `device`, never read back to the host."""
     if group_size() == 1:
         return (1.0,) * len(counts)
-    mine = torch.tensor([*counts, 1], dtype=torch.float64).to(device)
+    mine = to_device(torch.tensor([*counts, 1], dtype=torch.float64), device)
     totals = all_reduce_sum(mine)
     return tuple((mine[:-1] * totals[-1] / totals[:-1]).float().unbind())
 
@@ -142,7 +150,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         dims = [0, 2, 3]
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        count = x.new_full((1,), x.numel() / x.shape[1], dtype=torch.float64)
         totals = all_reduce_sum(torch.cat([x.sum(dims).double(), count]))
         n = totals[-1]
         mean = (totals[:-1] / n).to(x.dtype)

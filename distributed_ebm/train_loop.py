@@ -20,7 +20,7 @@ from pathlib import Path
 from .checkpoint import CheckpointStore, LocalCheckpointStore, checkpoint_name
 from .config import RunConfig
 from .data import training_data
-from .distributed import MetricWindow, all_reduce_sum, current_context
+from .distributed import MetricWindow, all_reduce_sum, current_context, to_device
 from .metrics import ResponseDistance
 from .outputs import RunOutputs
 from .recovery import INITIAL, Recovery, collapse_message
@@ -129,7 +129,7 @@ def train(
     with outputs.closed_on_interrupt():  # Ctrl-C / SIGTERM: the MLflow run ends KILLED
         while state.iteration < iterations:
             y, labels = data.batch(config.train.data_batch_size, state.generators["data"])
-            y, labels = y.to(ctx.device), None if labels is None else labels.to(ctx.device)
+            y, labels = to_device(y, ctx.device), None if labels is None else to_device(labels, ctx.device)
             out = state.algorithm.train_step(state.train, y, labels, generator=state.generators["chains"],
                                              iteration=state.iteration)
             out.metrics["response_distance"] = response(out.samples, y, sum_over_group=all_reduce_sum)

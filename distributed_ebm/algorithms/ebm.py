@@ -12,7 +12,7 @@ from torch import nn
 
 from ..chains import ChainBank
 from ..config import ConfigError, RunConfig
-from ..distributed import batch_shares
+from ..distributed import batch_shares, to_device
 from ..energy import Energy, build_energy
 from .common import (
     StepOutput,
@@ -155,7 +155,7 @@ class MultiGridAlgorithm:
 
     def first_grid(self, state: TrainState, batch_size: int) -> torch.Tensor:
         """`batch_size` copies of the data mean down-sampled to the first grid."""
-        mean = state.meta["data_mean"].to(next(state.models["grids"].parameters()).device)
+        mean = to_device(state.meta["data_mean"], next(state.models["grids"].parameters()).device)
         return resample(mean, state.config.model.grid_sizes[0], state.config.model.upsample).expand(
             batch_size, -1, -1, -1).clone()
 

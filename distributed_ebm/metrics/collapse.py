@@ -43,7 +43,7 @@ def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor, *,
     means and the (unbiased) deviation come from Φ's counts, sums and sums of squares summed over
     the group, in float64, not from a mean of per-worker gaps."""
     d, s = phi_data.detach().double(), phi_syn.detach().double()
-    moments = torch.stack([d.new_tensor(len(d)), d.sum(), d.square().sum(), s.new_tensor(len(s)), s.sum()])
+    moments = torch.stack([d.new_full((), len(d)), d.sum(), d.square().sum(), s.new_full((), len(s)), s.sum()])
     n_data, sum_data, squares_data, n_syn, sum_syn = (
         moments if sum_over_group is None else sum_over_group(moments)).unbind()
     mean_data = sum_data / n_data

@@ -45,7 +45,7 @@ class ResponseDistance(nn.Module):
         with torch.no_grad():
             response = self.features(x).transpose(0, 1).flatten(1)
         return torch.cat([response.sum(1, dtype=torch.float64),
-                          torch.tensor([response.shape[1]], dtype=torch.float64, device=response.device)])
+                          response.new_full((1,), response.shape[1], dtype=torch.float64)])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *,
                 sum_over_group: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
