@@ -68,3 +68,44 @@ def test_preset_memory_benchmark_reports_each_preset_on_the_cpu(tmp_path):
     assert good["peak_mib"] > 0 and good["memory"].startswith("CPU estimate") and good["s_per_iteration"] > 0
     assert "error" in missing
     assert "| cifar10_ggcn_cond_paper | ggcn | 32² | 4 | 2 | 8-16 |" in done.stdout
+
+
+def test_image_tar_npz_converts_class_folders_and_skips_a_corrupt_file(tmp_path):
+    """scripts/image_tar_npz.py: train/<class>/ and test/<class>/ images become the .npz the npz
+    source reads, labelled by sorted class name, pixels intact; an undecodable file is counted."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from distributed_ebm.config import DataConfig
+    from distributed_ebm.data import load_dataset
+    from scripts.image_tar_npz import convert
+
+    tar_path, rng = tmp_path / "images.tar", np.random.default_rng(0)
+    pixels = {}
+    with tarfile.open(tar_path, "w") as tar:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        for split, count in (("train", 3), ("test", 2)):
+            for cls in ("cat", "airplane"):
+                for i in range(count):
+                    image = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                    buffer = io.BytesIO()
+                    Image.fromarray(image).save(buffer, format="PNG")
+                    add(f"{split}/{cls}/{i:04d}.png", buffer.getvalue())
+                    pixels[(split, cls, image.tobytes())] = True
+        add("train/cat/broken.png", b"not an image")
+    done = convert(tar_path, tmp_path / "out.npz")
+    assert done == {"train": 6, "test": 4, "classes": ["airplane", "cat"], "skipped": 1}
+    data = np.load(tmp_path / "out.npz")
+    assert data["x_train"].shape == (6, 8, 8, 3) and data["x_test"].shape == (4, 8, 8, 3)
+    for split in ("train", "test"):
+        for image, label in zip(data[f"x_{split}"], data[f"y_{split}"]):
+            assert (split, ["airplane", "cat"][label], image.tobytes()) in pixels  # label follows its image
+    loaded = load_dataset(DataConfig(source="npz", path=str(tmp_path / "out.npz")))
+    assert tuple(loaded.x.shape) == (6, 3, 8, 8) and loaded.num_classes == 2
