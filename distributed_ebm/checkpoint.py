@@ -38,10 +38,20 @@ def checkpoint_order(path: Path) -> tuple[int, int]:
     return int(match[2] or 0), int(match[1])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written (a full disk, a lost mount, a quota); the partial
+    file is removed and the checkpoint stays incomplete, so a resume skips it."""
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)  # a full disk: OSError, or torch's "[enforce fail at inline_container.cc…]"
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointWriteError(f"Writing the checkpoint file {path} failed ({cause})") from err
 
 
 def write_shared(directory: str | Path, shared: dict) -> None:
@@ -127,8 +137,17 @@ class LocalCheckpointStore:
         return latest_checkpoint(self.root)
 
     def save(self, name: str, write: Callable[[Path], None], metrics: dict, is_main: bool) -> None:
-        """Let `write(directory)` put this rank's files into the directory `name`."""
-        write(self.root / name)
+        """Let `write(directory)` put this rank's files into the directory `name`.
+
+        Raises CheckpointWriteError naming the last complete checkpoint when a file cannot be written."""
+        try:
+            write(self.root / name)
+        except CheckpointWriteError as err:
+            last = self.latest()
+            raise CheckpointWriteError(
+                f"{err}. Is the disk full? Free space under {self.root} (or point train.keep_checkpoints "
+                f"lower, or the run elsewhere). The last complete checkpoint is {last or 'none'}: "
+                "a resume continues from it.") from err
         if is_main:
             prune_checkpoints(self.root, self.keep)
 

@@ -61,6 +61,7 @@ class EvalSettings:
     batch_size: int = 256  # images per forward pass
     method: str = "langevin"  # inpainting: "langevin" (every model) or "generator" (GGCN)
     device: str = "cpu"
+    progress: bool = False  # progress bars while sampling (debm evaluate shows them)
 
 
 def _classifier_network(
@@ -136,7 +137,8 @@ def reference_subset(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor
 def draw_samples(model: TrainedModel, settings: EvalSettings) -> tuple[torch.Tensor, dict]:
     """`num_samples` fresh samples (or bank states) and a description of where they came from."""
     samples = model.sample(
-        settings.num_samples, steps=settings.steps, seed=settings.seed, from_bank=settings.from_bank
+        settings.num_samples, steps=settings.steps, seed=settings.seed, from_bank=settings.from_bank,
+        progress=settings.progress,
     )
     if settings.from_bank:
         source = {

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .algorithms import TrainState, get_algorithm
@@ -66,9 +67,9 @@ class TrainedModel:
         return labels.to(self.device)
 
     def sample(self, num: int, *, steps: int | None = None, seed: int = 0, from_bank: bool = False,
-               label: int | None = None, batch_size: int = 256) -> torch.Tensor:
+               label: int | None = None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """`num` fresh samples (the algorithm's own way: fresh chains, multi-grid, or g(ζ) + Langevin),
-        or, with from_bank, states of the persistent chain bank."""
+        or, with from_bank, states of the persistent chain bank; `progress`: a bar over the images."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if from_bank:
             bank = self.state.banks.get("chains")
@@ -79,10 +80,13 @@ class TrainedModel:
             return bank.states[torch.randperm(len(bank), generator=generator, device=self.device)[:num]].cpu()
         labels = self.labels_for(num, label)
         out = []
-        for start in range(0, num, batch_size):
-            n = min(batch_size, num - start)
-            batch_labels = None if labels is None else labels[start : start + n]
-            out.append(self.algorithm.sample(self.state, n, generator=generator, steps=steps, labels=batch_labels).cpu())
+        with tqdm(total=num, unit="img", desc="sampling", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, num, batch_size):
+                n = min(batch_size, num - start)
+                batch_labels = None if labels is None else labels[start : start + n]
+                out.append(self.algorithm.sample(self.state, n, generator=generator, steps=steps,
+                                                 labels=batch_labels).cpu())
+                bar.update(n)
         return torch.cat(out)
 
     def inpaint(self, images: torch.Tensor, missing: torch.Tensor, *, method: str = "langevin",

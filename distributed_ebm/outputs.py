@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .checkpoint import CheckpointWriteError
 from .config import RunConfig
 from .distributed import ProcessContext
 from .rundir import RunDirectory
@@ -36,7 +37,7 @@ class RunOutputs:
     def __init__(self, config: RunConfig, run: RunDirectory, *, progress: bool = True):
         self.config, self.run, self.progress = config, run, progress
         self.tracker: Tracker | None = None
-        self.bar: tqdm | None = None
+        self.bar: Progress | None = None
         run.create()
         run.write_config(config.to_dict())
 
@@ -58,8 +59,7 @@ class RunOutputs:
             record["lr_before"], record["lr"])
         if self.tracker is not None:
             self.tracker.log_recovery(record)
-        self.bar.n = record["rolled_back_to"]
-        self.bar.refresh()
+        self.bar.rewind(record["rolled_back_to"])
 
     @contextlib.contextmanager
     def closed_on_interrupt(self):
@@ -71,20 +71,23 @@ class RunOutputs:
         except KeyboardInterrupt:
             self.interrupted()
             raise
+        except CheckpointWriteError:  # e.g. a full disk: the MLflow run ends FAILED
+            self.interrupted("checkpoint_write_failed")
+            raise
 
-    def interrupted(self) -> None:
+    def interrupted(self, status: str = "interrupted") -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tracker is not None:
-            self.tracker.interrupted()
+            self.tracker.interrupted(status)
 
     def start(self, info: dict, iteration: int) -> None:
         """Open the MLflow run (or continue a resumed run's) and the progress bar at `iteration`."""
         log.info("Training %s", info)
         if self.config.tracking.enabled:
             self.tracker = Tracker(self.config, self.run.path, info)
-        self.bar = tqdm(total=self.config.train.iterations, initial=iteration, disable=not self.progress,
-                        desc=f"{info['algorithm']} on {info['data']}", dynamic_ncols=True)
+        self.bar = Progress(f"{info['algorithm']} on {info['data']}", self.config.train.iterations, iteration,
+                            enabled=self.progress, images_per_iteration=self.config.train.data_batch_size * info["world_size"])
 
     def record(self, metrics: dict, samples: torch.Tensor, reference: torch.Tensor) -> None:
         """One iteration's metrics (every train.log_every, and always the row that shows a
@@ -99,8 +102,7 @@ class RunOutputs:
                 self.tracker.log_metrics(metrics, step=metrics["images_seen"])
         if iteration % train.sample_every == 0:
             self.run.save_samples(samples, f"iter-{iteration:06d}", reference=reference)
-        self.bar.update(1)
-        self.bar.set_postfix(R=f"{metrics['response_distance']:.3g}", phi_gap=f"{metrics['energy_gap_z']:.2g}")
+        self.bar.advance(metrics)
 
     def recent_mean(self, key: str, last: int = 10) -> float | None:
         """The mean of `key` over the last `last` logged rows (None if none has it)."""
@@ -131,6 +133,63 @@ class RunOutputs:
         return summary
 
 
+class Progress:
+    """The run's progress bar: iteration, images/s, R and the energy gap.
+
+    In one process a tqdm bar; in a Ray worker Ray's own `ray.experimental.tqdm_ray` bar, which
+    the worker sends to the driver (at most once a second) and the driver draws once, instead of
+    Ray re-printing every refresh of a worker's bar as a log line."""
+
+    def __init__(self, desc: str, total: int, initial: int, *, enabled: bool, images_per_iteration: int):
+        self.desc, self.images_per_iteration, self.ray = desc, images_per_iteration, _in_ray_worker()
+        if not enabled:
+            self.bar = None
+        elif self.ray:
+            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+            self.bar = ray_tqdm(desc=desc, total=total, unit="it")
+            self.bar.n = initial
+        else:
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def advance(self, metrics: dict) -> None:
+        """One iteration done; show its figures."""
+        if self.bar is None:
+            return
+        figures = {"img/s": f"{self.images_per_iteration / max(metrics['seconds'], 1e-9):.0f}",
+                   "R": f"{metrics['response_distance']:.3g}", "gap": f"{metrics['energy_gap_z']:.2g}"}
+        if self.ray:  # tqdm_ray has no postfix: the figures go into the description
+            self.bar.set_description(f"{self.desc} " + " ".join(f"{k}={v}" for k, v in figures.items()))
+            self.bar.update(1)
+        else:
+            self.bar.set_postfix(figures, refresh=False)
+            self.bar.update(1)
+
+    def rewind(self, iteration: int) -> None:
+        """Back to `iteration` (a collapse recovery)."""
+        if self.bar is not None:
+            self.bar.n = iteration
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (a Ray Train worker), whose output Ray forwards to the driver."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    try:  # what ray.experimental.tqdm_ray itself checks
+        return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE
+    except AttributeError:  # another Ray version: a plain bar, which Ray forwards line by line
+        return False
+
+
 class NoOutputs(RunOutputs):
     """The outputs of a rank other than 0: nothing."""
 
@@ -140,7 +199,7 @@ class NoOutputs(RunOutputs):
     def resumed(self, checkpoint: Path, iteration: int) -> None:
         pass
 
-    def interrupted(self) -> None:
+    def interrupted(self, status: str = "interrupted") -> None:
         pass
 
     def rolled_back(self, record: dict, max_recoveries: int) -> None:

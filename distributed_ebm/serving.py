@@ -34,9 +34,12 @@ from dataclasses import dataclass
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from .config import ConfigError, did_you_mean
 from .inpainting import MASK_KINDS, make_masks
@@ -46,6 +49,12 @@ MAX_STEPS = 2000  # Langevin steps one request may ask for
 RETURNS = ("png", "array", "both")
 METHODS = ("langevin", "generator")
 COLUMNS = ("request", "task", "index", "image", "array", "shape", "label", "position")
+# The request the registered model is logged with (MLflow shows it, `mlflow models predict` can
+# send it), and its signature: the output columns are fixed; the input has no schema, on purpose:
+# MLflow would drop every column it does not list and coerce the ones it does, where `predict`
+# checks every key and names the fix for a wrong one (a misspelled `nn` gets "Did you mean 'n'?").
+INPUT_EXAMPLE = pd.DataFrame([{"task": "sample", "n": 1, "steps": 1, "seed": 0}])
+SIGNATURE = ModelSignature(inputs=None, outputs=Schema([ColSpec(AnyType(), name) for name in COLUMNS]))
 
 
 class InvalidRequest(MlflowException):
@@ -440,7 +449,10 @@ SERVE_DEVICE_VARIABLE = "DEBM_SERVE_DEVICE"  # the device a served model samples
 
 
 class EBMModel(mlflow.pyfunc.PythonModel):
-    """A FRAME-family model served from its checkpoint bundle (`self.model`: the TrainedModel)."""
+    """A FRAME-family model served from its checkpoint bundle (`self.model`: the TrainedModel).
+
+    Logged from code (serving_model.py); models registered before that hold a pickled instance
+    of this class, which still loads."""
 
     def load_context(self, context):
         import os
@@ -454,10 +466,8 @@ class EBMModel(mlflow.pyfunc.PythonModel):
             device=os.environ.get(SERVE_DEVICE_VARIABLE, "auto"),
         )
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Answer every request row (see the module docstring); all rows are checked first."""
-        import pandas as pd
-
         rows = request_rows(model_input)
         jobs = [parse_request(row, self.model) for row in rows]
         total = sum(job.count for job in jobs)

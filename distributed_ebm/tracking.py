@@ -139,11 +139,12 @@ class Tracker:
         self.client.set_tag(self.run_id, "debm.recoveries", str(record["recovery"]))
         self.client.set_tag(self.run_id, f"debm.recovery.{record['recovery']}", json.dumps(record)[:5000])
 
-    def interrupted(self) -> None:
-        """The run was stopped (Ctrl-C, SIGTERM): send what is buffered and end it as KILLED."""
+    def interrupted(self, status: str = "interrupted") -> None:
+        """The run was stopped: send what is buffered and end it as KILLED (Ctrl-C, SIGTERM;
+        tag debm.status interrupted) or FAILED (any other `status`, e.g. checkpoint_write_failed)."""
         self.flush()
-        self.client.set_tag(self.run_id, "debm.status", "interrupted")
-        self.client.set_terminated(self.run_id, "KILLED")
+        self.client.set_tag(self.run_id, "debm.status", status)
+        self.client.set_terminated(self.run_id, "KILLED" if status == "interrupted" else "FAILED")
 
     def finish(self, run_dir: Path, status: str) -> None:
         """Send the last metrics, log the run directory's files as artifacts, tag the status
@@ -164,13 +165,17 @@ def register_model(uri: str, run_id: str, checkpoint: Path, name: str) -> str:
     import mlflow
     import torch
 
-    from .serving import EBMModel
+    from . import serving
 
     # Explicit requirements: inferring them imports the model in a subprocess (seconds per run).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "distributed_ebm"]
+    code = Path(serving.__file__).with_name("serving_model.py")  # models from code: no pickle
     with fluent_tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=EBMModel(), artifacts={"checkpoint": str(checkpoint)},
-                                       registered_model_name=name, pip_requirements=requirements)
+        # MLflow loads the model and answers INPUT_EXAMPLE once here (one sample, one step): a
+        # model that cannot serve is not registered.
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"checkpoint": str(checkpoint)},
+                                       registered_model_name=name, pip_requirements=requirements,
+                                       signature=serving.SIGNATURE, input_example=serving.INPUT_EXAMPLE)
     log.info("Registered %s version %s", name, info.registered_model_version)
     return f"models:/{name}/{info.registered_model_version}"
 

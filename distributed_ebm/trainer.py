@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -76,8 +77,9 @@ def ray_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs: `train` with Ray's checkpoints, resuming from Ray's latest.
 
     `loop_config` is what crosses Ray: config (the RunConfig as a nested dict), run_dir, progress,
-    and on_iteration (picklable callables, e.g. a Tune reporter or a test's injected failure).
+    verbose, and on_iteration (picklable callables, e.g. a Tune reporter or a test's injected failure).
     """
+    quiet_worker_logs(loop_config.get("verbose", False))
     train(
         RunConfig.from_dict(loop_config["config"]),
         Path(loop_config["run_dir"]),
@@ -88,11 +90,41 @@ def ray_worker(loop_config: dict) -> None:
     )
 
 
-def worker_config(config: RunConfig, run_dir: Path, *, progress: bool = True,
+def worker_config(config: RunConfig, run_dir: Path, *, progress: bool = True, verbose: bool = False,
                   on_iteration: Sequence[Callable] = ()) -> dict:
     """The train_loop_config of `ray_worker`: the run config as a plain dict, with what goes along."""
-    return {"config": config.to_dict(), "run_dir": str(run_dir), "progress": progress,
+    return {"config": config.to_dict(), "run_dir": str(run_dir), "progress": progress, "verbose": verbose,
             "on_iteration": list(on_iteration)}
+
+
+def quiet_worker_logs(verbose: bool) -> None:
+    """In a Ray Train worker: the library logs at INFO only with `debm -v`, and Ray Train's
+    per-report line ("Reporting training result N: … metrics={…}", logged at INFO by a logger
+    named after its file, which Ray Train's log level does not reach) only then. Warnings and
+    errors always reach the driver."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("distributed_ebm", "mlflow", "alembic"):  # MLflow's store set-up logs at INFO
+        logging.getLogger(name).setLevel(level)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # Train V1: its reports are not logged per call
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)
+
+
+def ray_train_settings(local: bool) -> None:
+    """Ray Train's own switches, where the caller has not set them (Ray Train passes them from the
+    driver to its controller and workers): print stays print in the workers (Ray Train's print
+    patch would send each progress-bar update through the log as well, so the driver draws it
+    twice), and a local cluster runs no spot-preemption watcher (nothing preempts one machine)."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if local:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def ray_logging(verbose: bool) -> dict:
+    """ray.init's logging arguments: Ray's own driver-side messages at WARNING unless `verbose`."""
+    return {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": True}
 
 
 def check_gpu_request(device: str, workers: int, gpus_per_worker: float, cluster_gpus: float | None = None) -> str:
@@ -135,6 +167,7 @@ def fit_workers(
     cpus_per_worker: int = 1,
     max_failures: int = 0,
     callbacks: Sequence = (),
+    verbose: bool = False,
 ):
     """Run `worker_fn(loop_config)` in `workers` Ray Train workers; return Ray's Result.
 
@@ -145,6 +178,7 @@ def fit_workers(
         keep_checkpoints: checkpoints Ray keeps.
         max_failures: worker-group restarts from the latest checkpoint before giving up.
         callbacks: Ray Train callbacks (e.g. a TuneReportCallback in a Tune trial).
+        verbose: Ray Train's own logs at INFO (its LoggingConfig); default WARNING.
 
     Ray Train V2 raises when the worker group fails; V1 returns the error in the Result.
     """
@@ -165,6 +199,7 @@ def fit_workers(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
     return trainer.fit()
@@ -201,6 +236,7 @@ def train_distributed(
     max_failures: int = 0,
     on_iteration: Sequence[Callable] = (),
     progress: bool = True,
+    verbose: bool = False,
 ) -> dict:
     """Train in `workers` Ray Train workers and return the run's summary.
 
@@ -214,6 +250,8 @@ def train_distributed(
         max_failures: worker-group restarts from the latest checkpoint before giving up.
         on_iteration: picklable callables each worker calls after every iteration as
             fn(iteration=, rank=, metrics=) (e.g. to inject a failure); they cross Ray by pickling.
+        progress: rank 0's progress bar (Ray's tqdm_ray: drawn once, on the driver).
+        verbose: Ray's, Ray Train's and the workers' logs at INFO (`debm -v`); default: warnings only.
     """
     import ray
 
@@ -225,10 +263,11 @@ def train_distributed(
         raise ConfigError(f"--storage '{storage}' must be an absolute path or a URI (s3://…, gs://…): workers change directory.")
     check_gpu_request(config.train.device, workers, gpus_per_worker)
     config = _check_before_workers(config, workers)
+    ray_train_settings(local=address is None)
     started_ray = not ray.is_initialized()
     if started_ray:
         sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+        ray.init(address=address, include_dashboard=True, **ray_logging(verbose),
                  **({} if address else {"num_cpus": max(workers, 1)}))
         if sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with sys.exit: keep the caller's
@@ -243,9 +282,10 @@ def train_distributed(
     cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers) if not address else 1
     try:
         result = fit_workers(
-            ray_worker, worker_config(config, run_dir, progress=progress, on_iteration=on_iteration),
+            ray_worker, worker_config(config, run_dir, progress=progress, verbose=verbose, on_iteration=on_iteration),
             workers=workers, gpus_per_worker=gpus_per_worker, name=config.name, storage=storage,
             keep_checkpoints=config.train.keep_checkpoints, cpus_per_worker=cpus, max_failures=max_failures,
+            verbose=verbose,
         )
     finally:
         if started_ray:

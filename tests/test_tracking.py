@@ -42,6 +42,19 @@ def test_run_is_tracked_and_registered(tmp_path, tiny_overrides, capsys):
     image = Image.open(io.BytesIO(base64.b64decode(answer["image"][0])))
     assert image.size == (8, 8)
 
+    # Logged from code, not pickled: the model holds serving_model.py and the checkpoint, its
+    # output columns and a request example; a misspelled key still reaches predict's check (an
+    # input schema would have dropped it).
+    files = set(os.listdir(mlflow.artifacts.download_artifacts("models:/digits-test/latest")))
+    assert "serving_model.py" in files and not any(f.endswith(".pkl") for f in files), files
+    assert {"input_example.json", "serving_input_example.json"} <= files
+    assert model.metadata.flavors["python_function"]["model_code_path"].endswith("serving_model.py")
+    assert model.metadata.signature.inputs is None
+    assert model.metadata.signature.outputs.input_names() == ["request", "task", "index", "image", "array", "shape",
+                                                              "label", "position"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Unknown field 'nn'.*Did you mean 'n'"):
+        model.predict(pd.DataFrame([{"nn": 3}]))
+
 
 def test_unreachable_tracking_server_fails_before_workers_start(tmp_path):
     with pytest.raises(ConfigError, match=r"does not answer.*mlflow server"):

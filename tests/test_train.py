@@ -244,3 +244,38 @@ def test_training_loop_reads_the_device_once_per_log_every(tmp_path, tiny_overri
     rows = _metrics(tmp_path / "run-30")
     assert [r["iteration"] for r in rows] == [10, 20, 30]  # every log_every-th row is written
     assert all(isinstance(v, float) for r in rows for k, v in r.items() if k.startswith(("loss", "phi_", "grad_norm")))
+
+
+def test_a_full_disk_while_checkpointing_ends_with_one_message_and_the_resume_command(tmp_path, tiny_overrides,
+                                                                                       monkeypatch, capsys):
+    """torch.save failing as on a full disk (torch's own RuntimeError) at the second checkpoint:
+    exit status 1, one message naming the last complete checkpoint and the command that resumes;
+    the partial file is removed and the resume continues from the complete checkpoint."""
+    import torch
+
+    from distributed_ebm import checkpoint
+
+    run = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):
+        calls.append(path)
+        if "iter-00000006" in str(path):
+            Path(path).write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 1024")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    argv = ["train", "--config", str(CONFIGS / "digits_wgcn.yaml"), "--run-dir", str(run), *_sets(tiny_overrides)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line and "it/s" not in line]
+    assert "Traceback" not in err and len(lines) == 1, err  # besides the progress bar
+    assert "inline_container.cc:672" in err and "Is the disk full?" in err
+    assert f"The last complete checkpoint is {run / 'checkpoints' / 'iter-00000003'}" in err
+    assert "Resume with: debm train --config" in lines[0] and f"--run-dir {run}" in lines[0]
+    assert lines[0].endswith(" --resume")
+    assert not list((run / "checkpoints").rglob("*.tmp"))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert main([*argv, "--resume"]) == 0
+    assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]

@@ -131,6 +131,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         batch_size=args.batch_size,
         method=args.method,
         device=args.device,
+        progress=True,
     )
 
 

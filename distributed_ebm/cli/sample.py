@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..rundir import save_sample_png
 
     model = load_run(args.run_dir, device=args.device)
-    samples = model.sample(args.num, steps=args.steps, seed=args.seed, from_bank=args.from_bank, label=args.label)
+    samples = model.sample(args.num, steps=args.steps, seed=args.seed, from_bank=args.from_bank, label=args.label,
+                           progress=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = "bank" if args.from_bank else (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint import latest_checkpoint
+from ..checkpoint import CheckpointWriteError, latest_checkpoint
 from ..config import ConfigError, load_config, parse_overrides
 
 
@@ -55,12 +55,16 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or _default_run_dir(args, config.name)).resolve()
     if args.workers > 0:
         _check_ray_resume(args, config.name, run_dir)
+    print(_start_line(args, config, run_dir), flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends the run like Ctrl-C
     try:
         summary = _train(args, config, run_dir)
     except KeyboardInterrupt:
         print(_interrupted_line(args, config.name, run_dir), file=sys.stderr)
         return 130
+    except CheckpointWriteError as err:  # one message, the last good checkpoint and how to go on
+        print(f"debm: error: {err} Resume with: {_resume_command(args, run_dir)}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     collapse, recoveries = summary["collapse"], summary.get("recoveries", [])
@@ -140,10 +144,26 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> dict:
         return train_distributed(
             config, run_dir=run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
             address=args.address, storage=args.storage, max_failures=args.max_failures,
+            verbose=getattr(args, "verbose", False),
         )
     from ..train_loop import train
 
     return train(config, run_dir, resume=args.resume)
+
+
+def _start_line(args: argparse.Namespace, config, run_dir: Path) -> str:
+    """One line: what trains, on what data, where, and where it is written and tracked."""
+    data = config.data
+    source = data.path or (f"{len(data.urls)} shard URL(s)" if isinstance(data.urls, (list, tuple)) else data.urls)
+    where = (f"{args.workers} Ray worker{'s' if args.workers > 1 else ''} × "
+             f"{f'{args.gpus_per_worker:g} GPU' if args.gpus_per_worker else 'CPU'} "
+             f"({'cluster ' + args.address if args.address else 'local Ray'})"
+             if args.workers > 0 else f"one process on {config.train.device}")
+    from ..tracking import resolve_tracking_uri
+
+    tracking = f"MLflow {resolve_tracking_uri(config.tracking)}" if config.tracking.enabled else "no MLflow"
+    return (f"debm train {config.name}: {config.model.algorithm} on {data.source}{f' {source}' if source else ''}, "
+            f"{config.train.iterations} iterations; {where}; run directory {run_dir}; {tracking}")
 
 
 def _interrupt(signum, frame) -> None:
@@ -154,8 +174,13 @@ def _interrupted_line(args: argparse.Namespace, name: str, run_dir: Path) -> str
     """One line: where the run stopped and the command that continues it."""
     storage = _ray_run_storage(args, name, run_dir) if args.workers > 0 else run_dir / "checkpoints"
     latest = latest_checkpoint(storage) if storage is not None else None
-    argv = [a for a in args.argv if a != "--resume"]  # the command as given (cli.main keeps it)
+    where = f"last checkpoint {latest}" if latest else "no checkpoint yet (a resume starts afresh)"
+    return f"debm: interrupted; {where}. Resume with: {_resume_command(args, run_dir)}"
+
+
+def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command as given (cli.main keeps it), with the run directory and --resume."""
+    argv = [a for a in args.argv if a != "--resume"]
     if "--run-dir" not in argv:
         argv += ["--run-dir", str(run_dir)]
-    where = f"last checkpoint {latest}" if latest else "no checkpoint yet (a resume starts afresh)"
-    return f"debm: interrupted; {where}. Resume with: debm {shlex.join(argv)} --resume"
+    return f"debm {shlex.join(argv)} --resume"
