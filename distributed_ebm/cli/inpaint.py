@@ -26,6 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """`debm inpaint`: inpainting.json and one PNG grid per mask (rows: original, masked, baseline, restored)."""
     import torch
+    from tqdm import tqdm
 
     from ..data import load_dataset
     from ..inference import load_run
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         return model.inpaint(x, missing, method=args.method, steps=args.steps, seed=args.seed, labels=labels)
 
     kinds = MASK_KINDS if args.mask == "all" else (args.mask,)
-    for kind, missing, restored in restore_each_mask(restore, images, kinds, generator=generator):
+    masks = tqdm(restore_each_mask(restore, images, kinds, generator=generator), total=len(kinds), unit="mask",
+                 desc=f"inpainting {len(images)} images", dynamic_ncols=True)
+    for kind, missing, restored in masks:
         report["masks"][kind] = inpainting_scores(restored, images, missing)
         baseline = biharmonic_fill(images, missing)
         report["baseline"]["masks"][kind] = inpainting_scores(baseline, images, missing)
