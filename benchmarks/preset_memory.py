@@ -59,7 +59,7 @@ def measure(preset: str, sets: list[str], args, workdir: Path) -> dict:
     run_dir = workdir / "run"
     overrides = ["data.source=npz", f"data.path={data}", "data.urls=null", f"train.iterations={args.iterations}",
                  f"train.device={args.device}", f"train.checkpoint_every={args.iterations}",
-                 f"train.sample_every={args.iterations}", "train.time_budget_s=null", *sets]
+                 f"train.sample_every={args.iterations}", "train.time_budget_s=null", "train.log_every=1", *sets]
     if args.device == "cuda":
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()

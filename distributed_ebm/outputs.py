@@ -90,13 +90,13 @@ class RunOutputs:
                             enabled=self.progress, images_per_iteration=self.config.train.data_batch_size * info["world_size"])
 
     def record(self, metrics: dict, samples: torch.Tensor, reference: torch.Tensor) -> None:
-        """One iteration's metrics (every train.log_every, and always the row that shows a
-        divergence), sample grid (every train.sample_every) and progress."""
+        """One iteration's metrics (every train.log_every, the last iteration's, and always the
+        row that shows a divergence), sample grid (every train.sample_every) and progress."""
         iteration, train = metrics["iteration"], self.config.train
         if metrics["collapse_reason"] == "nonfinite":
             self.run.append_metrics(metrics)
             return
-        if iteration % train.log_every == 0:
+        if iteration % train.log_every == 0 or iteration == train.iterations:
             self.run.append_metrics(metrics)
             if self.tracker is not None:
                 self.tracker.log_metrics(metrics, step=metrics["images_seen"])

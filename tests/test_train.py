@@ -279,3 +279,15 @@ def test_a_full_disk_while_checkpointing_ends_with_one_message_and_the_resume_co
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert main([*argv, "--resume"]) == 0
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_shorter_than_log_every_still_logs_its_last_iteration(tmp_path, tiny_overrides, capsys):
+    """log_every 10 on a 6-iteration run: the last iteration's row is written (the summary's final
+    R comes from the logged rows), and nothing else."""
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(CONFIGS / "digits_wgcn.yaml"), "--run-dir", str(run),
+            *_sets({**tiny_overrides, "train.log_every": 10})]
+    assert main(argv) == 0
+    assert [r["iteration"] for r in _metrics(run)] == [6]
+    out = capsys.readouterr().out
+    assert "completed: 6 iterations" in out and "final R n/a" not in out

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{summary['status']}{' (train.time_budget_s ran out)' if summary.get('stopped_by') == 'time_budget' else ''}: "
         f"{summary['iterations']} iterations, {summary['images_seen']} images seen in "
-        f"{summary['wall_time_s']:.1f}s; final R {summary['final_response_distance']:.4g}; "
+        f"{summary['wall_time_s']:.1f}s; final R {_number(summary.get('final_response_distance'))}; "
         f"collapse: {'none' if collapse is None else collapse['reason'] + ' at iteration ' + str(collapse['iteration'])}; "
         + (f"{len(recoveries)} recover{'y' if len(recoveries) == 1 else 'ies'} (δ now "
            f"{summary['effective']['langevin.step_size']:.4g}, λ {summary['effective']['optim.lr']:.4g}); "
@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
         print(f"Look at it: {ui}  (then http://127.0.0.1:5000/#/experiments/{summary['mlflow_experiment_id']})")
     return 0
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _check_ray_resume(args: argparse.Namespace, name: str, run_dir: Path) -> None:
