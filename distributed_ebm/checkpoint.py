@@ -8,6 +8,7 @@ one checkpoint, and lets a run resume on a different number of workers by re-spl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -49,7 +50,8 @@ def _atomic_save(obj: object, path: Path) -> None:
         torch.save(obj, tmp)  # a full disk: OSError, or torch's "[enforce fail at inline_container.cc…]"
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a lost mount may refuse this too
+            tmp.unlink(missing_ok=True)
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointWriteError(f"Writing the checkpoint file {path} failed ({cause})") from err
 
@@ -142,11 +144,11 @@ class LocalCheckpointStore:
         Raises CheckpointWriteError naming the last complete checkpoint when a file cannot be written."""
         try:
             write(self.root / name)
-        except CheckpointWriteError as err:
+        except OSError as err:  # CheckpointWriteError, or the directory could not be made
             last = self.latest()
             raise CheckpointWriteError(
-                f"{err}. Is the disk full? Free space under {self.root} (or point train.keep_checkpoints "
-                f"lower, or the run elsewhere). The last complete checkpoint is {last or 'none'}: "
+                f"{err}. If the disk is full, free space under {self.root} (or lower train.keep_checkpoints, "
+                f"or put the run elsewhere). The last complete checkpoint is {last or 'none'}: "
                 "a resume continues from it.") from err
         if is_main:
             prune_checkpoints(self.root, self.keep)

@@ -171,8 +171,8 @@ def register_model(uri: str, run_id: str, checkpoint: Path, name: str) -> str:
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "distributed_ebm"]
     code = Path(serving.__file__).with_name("serving_model.py")  # models from code: no pickle
     with fluent_tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        # MLflow loads the model and answers INPUT_EXAMPLE once here (one sample, one step): a
-        # model that cannot serve is not registered.
+        # MLflow loads the model and answers INPUT_EXAMPLE once here (one sample, one step); it
+        # warns, and still registers, if that fails.
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), artifacts={"checkpoint": str(checkpoint)},
                                        registered_model_name=name, pip_requirements=requirements,
                                        signature=serving.SIGNATURE, input_example=serving.INPUT_EXAMPLE)

@@ -146,6 +146,9 @@ def train(
             tick = time.perf_counter()
             if outcome not in (None, "rollback"):
                 stopped_by = outcome
+                if outcome != "time_budget":  # the run ends at the row that stopped it; the rest of its
+                    # window ran but is not counted (no checkpoint or metrics row holds it)
+                    state.iteration, state.images_seen = int(metrics["iteration"]), int(metrics["images_seen"])
                 break
 
     summary = {**_outcome(config, state, stopped_by, recovery, store), "iterations": state.iteration,

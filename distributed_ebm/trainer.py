@@ -13,6 +13,7 @@ turns it back into a RunConfig and calls `train_loop.train` with a `RayCheckpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -103,6 +104,8 @@ def quiet_worker_logs(verbose: bool) -> None:
     named after its file, which Ray Train's log level does not reach) only then. Warnings and
     errors always reach the driver."""
     level = logging.INFO if verbose else logging.WARNING
+    if not verbose:  # MLflow sets its logger's level from this when imported (after this call)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("distributed_ebm", "mlflow", "alembic"):  # MLflow's store set-up logs at INFO
         logging.getLogger(name).setLevel(level)
     try:
@@ -112,14 +115,21 @@ def quiet_worker_logs(verbose: bool) -> None:
     logging.getLogger(train_context.__file__).setLevel(level)
 
 
-def ray_train_settings(local: bool) -> None:
-    """Ray Train's own switches, where the caller has not set them (Ray Train passes them from the
-    driver to its controller and workers): print stays print in the workers (Ray Train's print
-    patch would send each progress-bar update through the log as well, so the driver draws it
-    twice), and a local cluster runs no spot-preemption watcher (nothing preempts one machine)."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if local:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+@contextlib.contextmanager
+def ray_train_settings(local: bool):
+    """Ray Train's own switches while a run starts, where the caller has not set them (Ray Train
+    passes them from the driver to its controller and workers), restored afterwards: print stays
+    print in the workers (Ray Train's print patch would send each progress-bar update through the
+    log as well, so the driver draws it twice), and a local cluster runs no spot-preemption
+    watcher (nothing preempts one machine)."""
+    wanted = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"} if local else {})}
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def ray_logging(verbose: bool) -> dict:
@@ -263,33 +273,33 @@ def train_distributed(
         raise ConfigError(f"--storage '{storage}' must be an absolute path or a URI (s3://…, gs://…): workers change directory.")
     check_gpu_request(config.train.device, workers, gpus_per_worker)
     config = _check_before_workers(config, workers)
-    ray_train_settings(local=address is None)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, include_dashboard=True, **ray_logging(verbose),
-                 **({} if address else {"num_cpus": max(workers, 1)}))
-        if sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with sys.exit: keep the caller's
-    local_gpus = None if address else float(ray.cluster_resources().get("GPU", 0))
-    try:
-        device = check_gpu_request(config.train.device, workers, gpus_per_worker, local_gpus)
-    except ConfigError:
+    with ray_train_settings(local=address is None):  # Ray Train's switches, for this run only
+        started_ray = not ray.is_initialized()
         if started_ray:
-            ray.shutdown()
-        raise
-    config = config.replace({"train.device": device})  # what each worker trains on
-    cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers) if not address else 1
-    try:
-        result = fit_workers(
-            ray_worker, worker_config(config, run_dir, progress=progress, verbose=verbose, on_iteration=on_iteration),
-            workers=workers, gpus_per_worker=gpus_per_worker, name=config.name, storage=storage,
-            keep_checkpoints=config.train.keep_checkpoints, cpus_per_worker=cpus, max_failures=max_failures,
-            verbose=verbose,
-        )
-    finally:
-        if started_ray:
-            ray.shutdown()  # also flushes the workers' logs before the summary is printed
+            sigterm = signal.getsignal(signal.SIGTERM)
+            ray.init(address=address, include_dashboard=True, **ray_logging(verbose),
+                     **({} if address else {"num_cpus": max(workers, 1)}))
+            if sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with sys.exit: keep the caller's
+        local_gpus = None if address else float(ray.cluster_resources().get("GPU", 0))
+        try:
+            device = check_gpu_request(config.train.device, workers, gpus_per_worker, local_gpus)
+        except ConfigError:
+            if started_ray:
+                ray.shutdown()
+            raise
+        config = config.replace({"train.device": device})  # what each worker trains on
+        cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers) if not address else 1
+        try:
+            result = fit_workers(
+                ray_worker, worker_config(config, run_dir, progress=progress, verbose=verbose, on_iteration=on_iteration),
+                workers=workers, gpus_per_worker=gpus_per_worker, name=config.name, storage=storage,
+                keep_checkpoints=config.train.keep_checkpoints, cpus_per_worker=cpus, max_failures=max_failures,
+                verbose=verbose,
+            )
+        finally:
+            if started_ray:
+                ray.shutdown()  # also flushes the workers' logs before the summary is printed
     if result.error is not None:
         raise result.error
     target = copy_final_checkpoint(result, run_dir)

@@ -67,11 +67,14 @@ def test_resume_discards_metrics_logged_after_the_checkpoint(tmp_path, tiny_over
     assert [r["iteration"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_nan_energy_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, capsys):
+@pytest.mark.parametrize("window", [{"train.checkpoint_every": 1}, {"train.log_every": 5, "train.checkpoint_every": 6,
+                                                                   "train.sample_every": 6}])
+def test_nan_energy_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, capsys, window):
+    """Also when the NaN shows at the first row of a 5-iteration metrics window: the run ends at
+    that iteration (the rest of the window is not counted)."""
     run = tmp_path / "run"
     # δ²/(2σ²) = 50 without clamping multiplies the chains by −49 per step: Inf, then NaN.
-    diverge = {**tiny_overrides, "langevin.clamp": False, "langevin.step_size": 10.0, "chains.init": "noise",
-               "train.checkpoint_every": 1}
+    diverge = {**tiny_overrides, "langevin.clamp": False, "langevin.step_size": 10.0, "chains.init": "noise", **window}
     code = main(["train", "--run-dir", str(run), *_sets(diverge), "--set", "langevin.langevin_steps=40"])
     err = capsys.readouterr().err
     assert code == 1
@@ -79,6 +82,7 @@ def test_nan_energy_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, 
     assert "no checkpoint was written yet" in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["collapse"]["reason"] == "nonfinite"
+    assert summary["iterations"] == 1 and summary["images_seen"] == 16 and summary["collapse"]["iteration"] == 1
 
 
 def test_sample_draws_fresh_chains_or_the_bank(tmp_path, tiny_overrides, capsys):
@@ -271,7 +275,7 @@ def test_a_full_disk_while_checkpointing_ends_with_one_message_and_the_resume_co
     err = capsys.readouterr().err
     lines = [line for line in err.split("\n") if line.strip() and "\r" not in line and "it/s" not in line]
     assert "Traceback" not in err and len(lines) == 1, err  # besides the progress bar
-    assert "inline_container.cc:672" in err and "Is the disk full?" in err
+    assert "inline_container.cc:672" in err and "If the disk is full, free space under" in err
     assert f"The last complete checkpoint is {run / 'checkpoints' / 'iter-00000003'}" in err
     assert "Resume with: debm train --config" in lines[0] and f"--run-dir {run}" in lines[0]
     assert lines[0].endswith(" --resume")

@@ -14,6 +14,7 @@ import yaml
 
 from ..checkpoint import CheckpointWriteError, latest_checkpoint
 from ..config import ConfigError, load_config, parse_overrides
+from ..distributed import resolve_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -162,7 +163,7 @@ def _start_line(args: argparse.Namespace, config, run_dir: Path) -> str:
     where = (f"{args.workers} Ray worker{'s' if args.workers > 1 else ''} × "
              f"{f'{args.gpus_per_worker:g} GPU' if args.gpus_per_worker else 'CPU'} "
              f"({'cluster ' + args.address if args.address else 'local Ray'})"
-             if args.workers > 0 else f"one process on {config.train.device}")
+             if args.workers > 0 else f"one process on {resolve_device(config.train.device)}")
     from ..tracking import resolve_tracking_uri
 
     tracking = f"MLflow {resolve_tracking_uri(config.tracking)}" if config.tracking.enabled else "no MLflow"
