@@ -186,9 +186,6 @@ class MetricWindow:
         self.device, self.sum_keys = device, sum_keys
         self.rows: list[tuple[list[str], torch.Tensor | None, dict[str, float]]] = []
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def add(self, values: dict) -> None:
         """One iteration's metrics: 0-d tensors (read at the flush), Python floats (averaged at
         the flush like the tensors) and other values (kept as they are)."""
@@ -205,7 +202,7 @@ class MetricWindow:
         world = group_size()
         flag = float(rank_zero_flag) if world == 1 or dist.get_rank() == 0 else 0.0
         flat = torch.cat([t for _, t, _ in rows if t is not None]
-                         + [torch.tensor([*host, flag], dtype=torch.float64).to(self.device, non_blocking=True)])
+                         + [to_device(torch.tensor([*host, flag], dtype=torch.float64), self.device)])
         if world > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         *values, flag = flat.tolist()  # the one read of the window

@@ -160,10 +160,9 @@ class Progress:
                    "R": f"{metrics['response_distance']:.3g}", "gap": f"{metrics['energy_gap_z']:.2g}"}
         if self.ray:  # tqdm_ray has no postfix: the figures go into the description
             self.bar.set_description(f"{self.desc} " + " ".join(f"{k}={v}" for k, v in figures.items()))
-            self.bar.update(1)
         else:
             self.bar.set_postfix(figures, refresh=False)
-            self.bar.update(1)
+        self.bar.update(1)
 
     def rewind(self, iteration: int) -> None:
         """Back to `iteration` (a collapse recovery)."""

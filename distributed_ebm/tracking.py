@@ -31,6 +31,16 @@ EVALUATE_EXPERIMENT = "debm-evaluate"  # evaluations that have no training run t
 ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")  # models:/NAME@ALIAS
 
 
+def quiet_mlflow(verbose: bool) -> None:
+    """MLflow's INFO logs (store set-up, "Validating input example…") and its artifact progress
+    bars only when `verbose` (`debm -v`); set through MLflow's own environment variables, before
+    MLflow is imported, so that the Ray workers this process starts inherit them. A value the
+    user set is kept."""
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def resolve_tracking_uri(config: TrackingConfig) -> str:
     """The tracking URI this run uses (absolute for file and sqlite stores)."""
     uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -103,9 +103,10 @@ def quiet_worker_logs(verbose: bool) -> None:
     per-report line ("Reporting training result N: … metrics={…}", logged at INFO by a logger
     named after its file, which Ray Train's log level does not reach) only then. Warnings and
     errors always reach the driver."""
+    from .tracking import quiet_mlflow
+
+    quiet_mlflow(verbose)  # also on a cluster's workers, which do not inherit the driver's environment
     level = logging.INFO if verbose else logging.WARNING
-    if not verbose:  # MLflow sets its logger's level from this when imported (after this call)
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("distributed_ebm", "mlflow", "alembic"):  # MLflow's store set-up logs at INFO
         logging.getLogger(name).setLevel(level)
     try:

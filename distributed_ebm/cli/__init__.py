@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from .. import __version__
 from ..config import ConfigError
+from ..tracking import quiet_mlflow
 from . import evaluate, inpaint, interpolate, sample, serve, shards, train, tune
 
 COMMANDS = (train, sample, inpaint, shards, interpolate, evaluate, serve, tune)  # as `debm --help` lists them
@@ -29,21 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries(verbose: bool) -> None:
-    """MLflow's INFO logs (store set-up, "Validating input example…") and its artifact progress
-    bars only with `debm -v`; set through MLflow's own environment variables, so that the Ray
-    workers this process starts inherit them. A value the user set is kept."""
-    if not verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run `debm` with `argv` (default: the command line); return the exit status."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. for a resume command line
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries(args.verbose)
+    quiet_mlflow(args.verbose)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:
