@@ -84,6 +84,7 @@ class GeneratorConfig:
     generator_every: int = 4  # update ξ (and ζ) every K iterations
     latent_bank_size: int = 256  # persistent latents ζ (LHS), per process
     refine_steps: int | None = None  # fresh samples: Langevin steps after g(ζ); None: L (the paper's)
+    latent_temperature: float = 1.0  # fresh samples: ζ ~ N(0, T² I); T < 1 trades diversity for fidelity
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ RANGES: dict[str, Range] = {  # every numeric key (a test walks RunConfig and fi
     "generator.latent_dim": AT_LEAST_1, "generator.base_width": AT_LEAST_1, "generator.embed_dim": AT_LEAST_1,
     "generator.lr": POSITIVE, "generator.betas": DECAY, "generator.latent_lr": POSITIVE,
     "generator.generator_every": AT_LEAST_1, "generator.latent_bank_size": AT_LEAST_1,
-    "generator.refine_steps": Range(0, nullable=True),
+    "generator.refine_steps": Range(0, nullable=True), "generator.latent_temperature": Range(0, 2, low_open=True),
     "langevin.langevin_steps": AT_LEAST_1, "langevin.step_size": POSITIVE, "langevin.ref_sigma": POSITIVE,
     "langevin.sample_steps": AT_LEAST_1, "langevin.grad_clip": Range(0, low_open=True, nullable=True),
     "langevin.sample_anneal_to": Range(0, low_open=True, nullable=True),

@@ -60,6 +60,7 @@ class EvalSettings:
     kid_subsets: int = 100  # KID: number of random subsets
     batch_size: int = 256  # images per forward pass
     method: str = "langevin"  # inpainting: "langevin" (every model) or "generator" (GGCN)
+    average: int = 1  # inpainting: restorations averaged per image (K > 1: the posterior-mean estimate)
     device: str = "cpu"
     progress: bool = False  # progress bars while sampling (debm evaluate shows them)
 
@@ -382,6 +383,13 @@ def inpainting_report(
     return ours, baseline
 
 
+def restoration_estimate(average: int) -> str:
+    """What an inpainting report's restorations are, for `average` restorations per image."""
+    if average == 1:
+        return "one restoration per image (a draw from the model given the observed pixels)"
+    return f"posterior mean: the average of {average} restorations per image"
+
+
 def evaluate_inpainting(
     model: TrainedModel, data_config: DataConfig, settings: EvalSettings
 ) -> dict:
@@ -400,6 +408,7 @@ def evaluate_inpainting(
             steps=settings.steps,
             seed=settings.seed,
             labels=labels,
+            average=settings.average,
         )
 
     masks, baseline = inpainting_report(
@@ -420,6 +429,8 @@ def evaluate_inpainting(
             "source": "inpainting",
             "method": settings.method,
             "langevin_steps": steps,
+            "average": settings.average,
+            "estimate": restoration_estimate(settings.average),
             "num": len(images),
             "seed": settings.seed,
             "what": "reference images masked and restored; FID of restored against the originals",

@@ -90,37 +90,49 @@ class TrainedModel:
         return torch.cat(out)
 
     def inpaint(self, images: torch.Tensor, missing: torch.Tensor, *, method: str = "langevin",
-                steps: int | None = None, seed: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
+                steps: int | None = None, seed: int = 0, labels: torch.Tensor | None = None,
+                average: int = 1) -> torch.Tensor:
         """Restore the missing pixels (mask 1) of images in [-1, 1]; observed pixels never change.
 
         method "langevin": masked Langevin on Φ (every model), `steps` default langevin.sample_steps;
         "generator": fit ζ to the observed pixels, fill the hole with g(ζ), then masked Langevin
-        for `steps` (default L) (GGCN models).
+        for `steps` (default generator.refine_steps, else L) (GGCN models).
+        average: 1 gives one restoration (a draw from the model's p(hole | observed)); K > 1 the
+        mean of the K restorations with seeds seed … seed + K − 1, an estimate of the posterior
+        mean, which is what MSE and PSNR reward (a blur where the posterior has several modes).
         """
         if tuple(images.shape[1:]) != self.sample_shape:
             raise ConfigError(f"Images have shape {tuple(images.shape[1:])}; this model takes {self.sample_shape}.")
         if missing.shape[0] != images.shape[0] or missing.shape[-2:] != images.shape[-2:]:
             raise ConfigError(f"Mask shape {tuple(missing.shape)} does not match images {tuple(images.shape)}.")
-        device, lang = self.device, self.config.langevin
-        images, missing = images.to(device), missing.to(device).float()
-        generator = torch.Generator(device=device).manual_seed(seed)
-        energy = self.state.energy
+        if method not in ("langevin", "generator"):
+            raise ConfigError(f"Unknown inpainting method '{method}'. Choose 'langevin' or 'generator'.")
+        if method == "generator" and self.state.generator is None:
+            raise ConfigError("method 'generator' needs a GGCN model; use method 'langevin'.")
+        if average < 1:
+            raise ConfigError(f"average must be ≥ 1 restorations, got {average}.")
+        images, missing = images.to(self.device), missing.to(self.device).float()
+        total = sum(self._restore(images, missing, method=method, steps=steps, seed=seed + k, labels=labels)
+                    for k in range(average))
+        return (total / average).cpu()
+
+    def _restore(self, images: torch.Tensor, missing: torch.Tensor, *, method: str, steps: int | None,
+                 seed: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """One restoration (see `inpaint`), on the model's device."""
+        lang = self.config.langevin
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         init = None
         if method == "generator":
             gen_net = self.state.generator
-            if gen_net is None:
-                raise ConfigError("method 'generator' needs a GGCN model; use method 'langevin'.")
             z = fit_latents(lambda z: gen_net(z, labels), images, missing,
                             latent_dim=self.config.generator.latent_dim, generator=generator)
             with torch.no_grad():
                 init = gen_net(z, labels)
             steps = self.config.generator.refine_steps if steps is None else steps
             steps = lang.langevin_steps if steps is None else steps
-        elif method != "langevin":
-            raise ConfigError(f"Unknown inpainting method '{method}'. Choose 'langevin' or 'generator'.")
         knobs = self.state.fresh_sampler.keywords(lang.sample_steps if steps is None else steps)
-        return inpaint_langevin(energy.score_fn(labels), images, missing, generator=generator, init=init,
-                                **knobs).cpu()
+        return inpaint_langevin(self.state.energy.score_fn(labels), images, missing, generator=generator,
+                                init=init, **knobs)
 
     def interpolation_latents(self, rows: int, midpoints: int, *, seed: int = 0) -> torch.Tensor:
         """(rows · (midpoints + 2), d) latents: each row runs linearly between two ends ~ N(0, I)

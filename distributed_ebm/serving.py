@@ -6,7 +6,8 @@ dict. The `task` column picks what a row asks for (default `sample`):
 - `sample`: `n` images (≤ MAX_IMAGES), optional `steps`, `seed`, `label`;
 - `inpaint`: `images` (a list of base64 PNGs or nested lists in [-1, 1], shaped like the model's
   samples), `masks` (one per image, 1 or white on the missing pixels, or a kind: `square`,
-  `spots`, `combined`), optional `method` (`langevin`, `generator`), `steps`, `seed`, `label`;
+  `spots`, `combined`), optional `method` (`langevin`, `generator`), `steps`, `seed`, `average` (restorations
+  averaged per image, ≤ MAX_AVERAGE: the posterior mean), `label`;
 - `interpolate` (GGCN models): `rows` × (`midpoints` + 2) images g(ζ_t), optional `seed`,
   `steps`, `label`.
 
@@ -46,6 +47,7 @@ from .inpainting import MASK_KINDS, make_masks
 
 MAX_IMAGES = 256  # images one request may ask for, all rows together
 MAX_STEPS = 2000  # Langevin steps one request may ask for
+MAX_AVERAGE = 16  # inpainting restorations one request may average per image
 RETURNS = ("png", "array", "both")
 METHODS = ("langevin", "generator")
 COLUMNS = ("request", "task", "index", "image", "array", "shape", "label", "position")
@@ -313,6 +315,7 @@ def inpaint_job(request: dict, model) -> Job:
         )
     steps = _integer(request, "steps", default=None, low=0, high=MAX_STEPS)
     seed = _integer(request, "seed", default=0, low=0, high=2**63 - 1)
+    average = _integer(request, "average", default=1, low=1, high=MAX_AVERAGE)
     masks = request.get("masks")
     if isinstance(masks, str) and masks in MASK_KINDS:
         if size[0] != size[1]:
@@ -336,7 +339,7 @@ def inpaint_job(request: dict, model) -> Job:
     returns = _return(request, model)
 
     def run():
-        return model.inpaint(pixels, missing, method=method, steps=steps, seed=seed, labels=labels)
+        return model.inpaint(pixels, missing, method=method, steps=steps, seed=seed, labels=labels, average=average)
 
     return Job("inpaint", len(pixels), run, labels, returns)
 
@@ -370,7 +373,7 @@ def interpolate_job(request: dict, model) -> Job:
 # task name → (parser of one request row, the fields it reads)
 TASKS: dict[str, tuple[Callable[[dict, object], Job], tuple[str, ...]]] = {
     "sample": (sample_job, ("n", "steps", "seed", "label", "return")),
-    "inpaint": (inpaint_job, ("images", "masks", "method", "steps", "seed", "label", "return")),
+    "inpaint": (inpaint_job, ("images", "masks", "method", "steps", "seed", "average", "label", "return")),
     "interpolate": (interpolate_job, ("rows", "midpoints", "steps", "seed", "label", "return")),
 }
 

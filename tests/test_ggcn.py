@@ -8,7 +8,7 @@ import yaml
 
 from distributed_ebm.algorithms import ALGORITHMS, multigrid_chains, resample
 from distributed_ebm.cli import main
-from distributed_ebm.config import GeneratorConfig, load_config
+from distributed_ebm.config import ConfigError, GeneratorConfig, load_config
 from distributed_ebm.data import load_dataset
 from distributed_ebm.generator import V0_LAYOUTS, build_generator
 from distributed_ebm.inference import load_run
@@ -173,9 +173,26 @@ def test_inpainting_never_changes_observed_pixels(ggcn_run, method, kind):
     assert not torch.equal(restored[~observed], images[~observed])
 
 
+def test_averaged_inpainting_is_the_mean_of_the_seeded_restorations(ggcn_run):
+    """average=K: the mean of the restorations with seeds seed … seed + K − 1 (observed pixels kept)."""
+    model = load_run(ggcn_run)
+    images = load_dataset(model.config.data).x[:6]
+    missing = make_masks("combined", 6, 8, generator=torch.Generator().manual_seed(0))
+    single = [model.inpaint(images, missing, method="generator", steps=4, seed=s) for s in (3, 4, 5)]
+    averaged = model.inpaint(images, missing, method="generator", steps=4, seed=3, average=3)
+    torch.testing.assert_close(averaged, torch.stack(single).mean(0))
+    assert not torch.allclose(single[0], single[1])  # the seeds give different restorations
+    observed = ~missing.bool().expand_as(images)
+    assert torch.equal(averaged[observed], images[observed])
+    with pytest.raises(ConfigError, match="average must be ≥ 1"):
+        model.inpaint(images, missing, average=0)
+
+
 def test_inpaint_command_reports_scores(ggcn_run, tmp_path, capsys):
-    assert main(["inpaint", "--run-dir", str(ggcn_run), "--num", "8", "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert main(["inpaint", "--run-dir", str(ggcn_run), "--num", "8", "--steps", "3", "--average", "2",
+                 "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "inpainting.json").read_text())
+    assert report["average"] == 2 and report["estimate"].startswith("posterior mean: the average of 2")
     assert set(report["masks"]) == {"square", "spots", "combined"}
     assert set(report["baseline"]["masks"]) == set(report["masks"]) and "biharmonic" in report["baseline"]["method"]
     for kind, scores in report["masks"].items():
@@ -283,3 +300,22 @@ def test_ggcn_fresh_samples_run_generator_refine_steps_after_g(refine_steps, mon
     with torch.no_grad():
         start = state.generator(z)
     assert torch.equal(x, start) == (refine_steps == 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_ggcn_fresh_latents_are_drawn_at_the_latent_temperature(temperature):
+    """Fresh samples draw ζ ~ N(0, T² I): with 0 refinement steps they are g(T·z) for the z the
+    same seed draws; the training bank's latents are unaffected (they stay N(0, I))."""
+    config = load_config(CONFIGS / "digits_ggcn.yaml", {"model.channels": [4, 8], "generator.base_width": 2,
+                                                        "generator.latent_dim": 4, "generator.refine_steps": 0,
+                                                        "generator.latent_temperature": temperature})
+    algorithm = ALGORITHMS["ggcn"]
+    state = algorithm.build(config, (1, 8, 8), device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
+                            data_mean=torch.zeros(1, 1, 8, 8))
+    state.generator.eval()
+    x = algorithm.sample(state, 64, generator=torch.Generator().manual_seed(0))
+    z = torch.randn((64, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(x, state.generator(temperature * z))
+    bank = state.banks["latents"].states
+    assert abs(float(bank.std()) - 1.0) < 0.1

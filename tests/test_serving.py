@@ -64,6 +64,10 @@ INVALID = [
         ["mask 0 has shape (1, 8, 7)", "send masks of shape (8, 8)"],
     ),
     (
+        {"task": "inpaint", "images": [BLANK], "masks": "square", "label": 1, "average": 0},
+        ["'average' must be between 1 and 16, got 0"],
+    ),
+    (
         {"task": "inpaint", "images": [BLANK, BLANK], "masks": [BLANK], "label": 1},
         ["'masks' holds 1 masks for 2 images", "one mask per image"],
     ),
@@ -179,7 +183,7 @@ def test_inpaint_keeps_observed_pixels_for_arrays_pngs_and_mask_kinds(served):
         {"task": "inpaint", "images": images.tolist(), "masks": missing.tolist(),
          "label": labels.tolist(), "return": "array", "seed": 1},
         {"task": "inpaint", "images": [png_base64(x) for x in images], "masks": "square",
-         "label": int(labels[0]), "return": "array", "method": "generator", "steps": 2},
+         "label": int(labels[0]), "return": "array", "method": "generator", "steps": 2, "average": 2},
     ]  # fmt: skip
     answer = served.predict(pd.DataFrame(requests_))
     assert list(answer["request"]) == [0, 0, 0, 1, 1, 1]

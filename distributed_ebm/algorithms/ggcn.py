@@ -127,13 +127,16 @@ class GGCNAlgorithm:
 
     def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
                labels: torch.Tensor | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """g(ζ) for fresh ζ ~ N(0, I) (or the given latents), refined by `steps` Langevin steps
-        (default generator.refine_steps, else L)."""
+        """g(ζ) for fresh ζ ~ N(0, T² I), T = generator.latent_temperature (or the given latents),
+        refined by `steps` Langevin steps (default generator.refine_steps, else L)."""
         device = next(state.generator.parameters()).device
+        gcfg = state.config.generator
         if latents is None:
-            latents = torch.randn((num, state.config.generator.latent_dim), generator=generator, device=device)
+            latents = torch.randn((num, gcfg.latent_dim), generator=generator, device=device)
+            if gcfg.latent_temperature != 1.0:
+                latents = latents * gcfg.latent_temperature
         with torch.no_grad():
             x = state.generator(latents.to(device), labels)
-        steps = state.config.generator.refine_steps if steps is None else steps
+        steps = gcfg.refine_steps if steps is None else steps
         return state.fresh_sampler(state.energy.score_fn(labels), x, generator=generator, steps=steps)
 

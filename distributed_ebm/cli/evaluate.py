@@ -67,6 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--inpainting", action="store_true",
                         help="evaluate inpainting (MSE, PSNR, SSIM, FID per mask) instead of generation")
     parser.add_argument("--method", default="langevin", choices=["langevin", "generator"], help="inpainting method")
+    parser.add_argument("--average", type=int, default=1, metavar="K",
+                        help="inpainting: average K restorations per image (the posterior mean, what PSNR rewards)")
     parser.add_argument("--out", help="JSON report (default RUN_DIR/evaluation/<task>.json; with --model, "
                         "./evaluation/…; with --samples, ./evaluation/samples-<file name>.json); MLflow keeps a copy")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -130,6 +132,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         kid_subsets=args.kid_subsets,
         batch_size=args.batch_size,
         method=args.method,
+        average=args.average,
         device=args.device,
         progress=True,
     )

@@ -17,6 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="masked Langevin on Φ (every model) or g(ζ) fitted to the observed pixels (GGCN)")
     inpaint.add_argument("--num", type=int, default=64, help="images to inpaint")
     inpaint.add_argument("--steps", type=int, help="Langevin steps (default: sample_steps, or L after the generator)")
+    inpaint.add_argument("--average", type=int, default=1, metavar="K",
+                         help="average K restorations per image: the posterior mean (sharper scores, blurrier "
+                              "where the hole has several answers); 1: one restoration")
     inpaint.add_argument("--seed", type=int, default=0)
     inpaint.add_argument("--out", required=True, help="output folder for inpainting.json and PNG grids")
     inpaint.add_argument("--device", default="cpu")
@@ -29,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data import load_dataset
+    from ..evaluation import restoration_estimate
     from ..inference import load_run
     from ..inpainting import (
         BASELINE,
@@ -49,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"run_dir": str(Path(args.run_dir).resolve()), "iteration": model.iteration, "method": args.method,
+              "average": args.average, "estimate": restoration_estimate(args.average),
               "num_images": len(images), "images": f"{data.name}, seed {args.seed}", "masks": {},
               "baseline": {"method": BASELINE, "masks": {}}}
 
     def restore(x: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
-        return model.inpaint(x, missing, method=args.method, steps=args.steps, seed=args.seed, labels=labels)
+        return model.inpaint(x, missing, method=args.method, steps=args.steps, seed=args.seed, labels=labels,
+                             average=args.average)
 
     kinds = MASK_KINDS if args.mask == "all" else (args.mask,)
     masks = tqdm(restore_each_mask(restore, images, kinds, generator=generator), total=len(kinds), unit="mask",
