@@ -7,7 +7,7 @@ dict. The `task` column picks what a row asks for (default `sample`):
 - `inpaint`: `images` (a list of base64 PNGs or nested lists in [-1, 1], shaped like the model's
   samples), `masks` (one per image, 1 or white on the missing pixels, or a kind: `square`,
   `spots`, `combined`), optional `method` (`langevin`, `generator`), `steps`, `seed`, `average` (restorations
-  averaged per image, ≤ MAX_AVERAGE: the posterior mean), `label`;
+  averaged per image, ≤ MAX_AVERAGE, images × average ≤ MAX_IMAGES: the posterior mean), `label`;
 - `interpolate` (GGCN models): `rows` × (`midpoints` + 2) images g(ζ_t), optional `seed`,
   `steps`, `label`.
 
@@ -316,6 +316,11 @@ def inpaint_job(request: dict, model) -> Job:
     steps = _integer(request, "steps", default=None, low=0, high=MAX_STEPS)
     seed = _integer(request, "seed", default=0, low=0, high=2**63 - 1)
     average = _integer(request, "average", default=1, low=1, high=MAX_AVERAGE)
+    if len(pixels) * average > MAX_IMAGES:
+        raise InvalidRequest(
+            f"{len(pixels)} images × average {average} is {len(pixels) * average} restorations: "
+            f"at most {MAX_IMAGES} per request. Send fewer images or a smaller 'average'."
+        )
     masks = request.get("masks")
     if isinstance(masks, str) and masks in MASK_KINDS:
         if size[0] != size[1]:

@@ -258,19 +258,27 @@ def load_trained_model(model_uri: str, tracking_uri: str, device: str = "cpu"):
 # --- evaluation reports (debm evaluate) ------------------------------------------------------
 
 
+def report_name(report: dict) -> str:
+    """The name an evaluation report is filed under: its task, or for inpainting that averaged K
+    restorations per image `inpainting-mean{K}` (its scores are not those of single restorations)."""
+    average = report["samples"].get("average", 1) if report["task"] == "inpainting" else 1
+    return report["task"] if average == 1 else f"{report['task']}-mean{average}"
+
+
 def evaluation_metrics(report: dict) -> dict[str, float]:
     """An evaluation report's finite numbers under MLflow metric names (eval/fid, eval/bank/fid,
-    eval/inpainting/square/mse, …)."""
+    eval/inpainting/square/mse, eval/inpainting-mean8/square/mse, …)."""
     prefix = "eval/bank/" if report["samples"]["source"] == "bank" else "eval/"
     if report["task"] == "inpainting":
+        name = report_name(report)
         flat = {
-            f"inpainting/{kind}/{k}": v
+            f"{name}/{kind}/{k}": v
             for kind, scores in report["masks"].items()
             for k, v in scores.items()
             if k != "ssim_window"
         }
         flat.update({
-            f"inpainting/baseline/{kind}/{k}": v
+            f"{name}/baseline/{kind}/{k}": v
             for kind, scores in report.get("baseline", {}).get("masks", {}).items()
             for k, v in scores.items()
             if k != "ssim_window"
@@ -346,13 +354,13 @@ def log_evaluation(report: dict, report_path: Path, *, run_dir: str | None, step
         scored = report["model"]
         tags = {tag: scored[key] for key, tag in _EVALUATED_TAGS.items() if scored.get(key)}
         run_id = client.create_run(
-            experiment_id, run_name=f"evaluate-{report['task']}", tags=tags
+            experiment_id, run_name=f"evaluate-{report_name(report)}", tags=tags
         ).info.run_id
         where = f"new run in experiment '{EVALUATE_EXPERIMENT}'"
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, step) for k, v in evaluation_metrics(report).items()]
     network, samples = report["feature_network"], report["samples"]
-    tag = f"eval.{'bank.' if samples['source'] == 'bank' else ''}{report['task']}"
+    tag = f"eval.{'bank.' if samples['source'] == 'bank' else ''}{report_name(report)}"
     tags = [
         RunTag(
             f"{tag}.feature_network",

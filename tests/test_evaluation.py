@@ -214,6 +214,8 @@ def test_evaluate_model_uri_scores_inpainting_in_a_new_run(tiny_run, cache_dir, 
         12,
         "--steps",
         3,
+        "--average",
+        2,
         "--classifier-epochs",
         EPOCHS,
         "--cache-dir",
@@ -226,6 +228,7 @@ def test_evaluate_model_uri_scores_inpainting_in_a_new_run(tiny_run, cache_dir, 
         report["model"]["model_uri"] == "models:/eval-tiny/latest"
         and report["samples"]["num"] == 12
     )
+    assert report["samples"]["average"] == 2 and report["samples"]["estimate"].startswith("posterior mean")
     assert set(report["masks"]) == {"square", "spots", "combined"}
     for kind, scores in report["masks"].items():
         assert {"mse", "psnr", "ssim", "fid", "missing_mse", "missing_psnr", "missing_ssim"} <= set(scores)
@@ -235,12 +238,30 @@ def test_evaluate_model_uri_scores_inpainting_in_a_new_run(tiny_run, cache_dir, 
     logged = client.get_run(report["mlflow"]["run_id"])
     assert client.get_experiment(logged.info.experiment_id).name == "debm-evaluate"
     assert logged.data.tags["debm_model_uri"] == "models:/eval-tiny/latest"
-    assert logged.data.metrics["eval/inpainting/square/fid"] == pytest.approx(
+    # averaged restorations are filed apart from single ones (their errors are about half)
+    assert logged.data.metrics["eval/inpainting-mean2/square/fid"] == pytest.approx(
         report["masks"]["square"]["fid"]
     )
-    assert logged.data.metrics["eval/inpainting/baseline/spots/missing_psnr"] == pytest.approx(
+    assert logged.data.metrics["eval/inpainting-mean2/baseline/spots/missing_psnr"] == pytest.approx(
         report["baseline"]["masks"]["spots"]["missing_psnr"]
     )
+    assert not any(k.startswith("eval/inpainting/") for k in logged.data.metrics)
+    assert "eval.inpainting-mean2.samples" in logged.data.tags
+
+
+def test_single_restorations_file_under_inpainting_and_average_needs_inpainting():
+    from distributed_ebm.tracking import evaluation_metrics, report_name
+
+    report = {"task": "inpainting", "samples": {"source": "inpainting", "average": 1},
+              "masks": {"square": {"mse": 0.5, "ssim_window": 7}}, "baseline": {"masks": {"square": {"mse": 0.7}}}}
+    assert report_name(report) == "inpainting"
+    assert evaluation_metrics(report) == {"eval/inpainting/square/mse": 0.5, "eval/inpainting/baseline/square/mse": 0.7}
+    report["samples"]["average"] = 8
+    assert set(evaluation_metrics(report)) == {"eval/inpainting-mean8/square/mse", "eval/inpainting-mean8/baseline/square/mse"}
+    with pytest.raises(ConfigError, match="--average K averages inpainting restorations: use it with --inpainting"):
+        _evaluate("--run-dir", "nowhere", "--average", 4, "--no-mlflow")
+    with pytest.raises(ConfigError, match="--average must be ≥ 1"):
+        _evaluate("--run-dir", "nowhere", "--inpainting", "--average", 0, "--no-mlflow")
 
 
 def test_identity_restoration_scores_zero_error(digits, network):

@@ -176,7 +176,8 @@ def test_inpainting_never_changes_observed_pixels(ggcn_run, method, kind):
 def test_averaged_inpainting_is_the_mean_of_the_seeded_restorations(ggcn_run):
     """average=K: the mean of the restorations with seeds seed … seed + K − 1 (observed pixels kept)."""
     model = load_run(ggcn_run)
-    images = load_dataset(model.config.data).x[:6]
+    # values that are not multiples of a power of two: (x + x + x) / 3 does not always round back to x
+    images = torch.rand((6, 1, 8, 8), generator=torch.Generator().manual_seed(1)) * 2 - 1
     missing = make_masks("combined", 6, 8, generator=torch.Generator().manual_seed(0))
     single = [model.inpaint(images, missing, method="generator", steps=4, seed=s) for s in (3, 4, 5)]
     averaged = model.inpaint(images, missing, method="generator", steps=4, seed=3, average=3)
@@ -305,7 +306,7 @@ def test_ggcn_fresh_samples_run_generator_refine_steps_after_g(refine_steps, mon
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_ggcn_fresh_latents_are_drawn_at_the_latent_temperature(temperature):
     """Fresh samples draw ζ ~ N(0, T² I): with 0 refinement steps they are g(T·z) for the z the
-    same seed draws; the training bank's latents are unaffected (they stay N(0, I))."""
+    same seed draws."""
     config = load_config(CONFIGS / "digits_ggcn.yaml", {"model.channels": [4, 8], "generator.base_width": 2,
                                                         "generator.latent_dim": 4, "generator.refine_steps": 0,
                                                         "generator.latent_temperature": temperature})
@@ -317,5 +318,3 @@ def test_ggcn_fresh_latents_are_drawn_at_the_latent_temperature(temperature):
     z = torch.randn((64, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(x, state.generator(temperature * z))
-    bank = state.banks["latents"].states
-    assert abs(float(bank.std()) - 1.0) < 0.1

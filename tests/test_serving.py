@@ -68,6 +68,10 @@ INVALID = [
         ["'average' must be between 1 and 16, got 0"],
     ),
     (
+        {"task": "inpaint", "images": [BLANK] * 20, "masks": "square", "label": 1, "average": 16},
+        ["20 images × average 16 is 320 restorations", "at most 256 per request"],
+    ),
+    (
         {"task": "inpaint", "images": [BLANK, BLANK], "masks": [BLANK], "label": 1},
         ["'masks' holds 1 masks for 2 images", "one mask per image"],
     ),

@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
             "--inpainting, --from-bank and --steps ask a model for images; --samples scores the "
             "file's images as they are. Drop them, or evaluate a model (--run-dir, --model)."
         )
+    if args.average != 1 and not args.inpainting:
+        raise ConfigError("--average K averages inpainting restorations: use it with --inpainting.")
+    if args.average < 1:
+        raise ConfigError(f"--average must be ≥ 1 restorations per image, got {args.average}.")
     settings = settings_from_args(args)
     if settings.features == "inception":  # fail on missing weights before any sampling
         find_inception_weights(settings.inception_weights)
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             "model": model_description(model, args.run_dir, args.model),
             **evaluate(model, data_config, settings),
         }
-        task = report["task"] + ("-bank" if settings.from_bank else "")
+        task = tracking.report_name(report) + ("-bank" if settings.from_bank else "")
         default_out = Path(args.run_dir or ".") / "evaluation" / f"{task}.json"
     out = Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     inpaint.add_argument("--method", default="langevin", choices=["langevin", "generator"],
                          help="masked Langevin on Φ (every model) or g(ζ) fitted to the observed pixels (GGCN)")
     inpaint.add_argument("--num", type=int, default=64, help="images to inpaint")
-    inpaint.add_argument("--steps", type=int, help="Langevin steps (default: sample_steps, or L after the generator)")
+    inpaint.add_argument("--steps", type=int, help="Langevin steps (default: langevin.sample_steps; after the "
+                         "generator: generator.refine_steps, else L)")
     inpaint.add_argument("--average", type=int, default=1, metavar="K",
                          help="average K restorations per image: the posterior mean (sharper scores, blurrier "
                               "where the hole has several answers); 1: one restoration")
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from ..config import ConfigError
     from ..data import load_dataset
     from ..evaluation import restoration_estimate
     from ..inference import load_run
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..rundir import save_sample_png
 
+    if args.average < 1:
+        raise ConfigError(f"--average must be ≥ 1 restorations per image, got {args.average}.")
     model = load_run(args.run_dir, device=args.device)
     data = load_dataset(model.config.data)
     generator = torch.Generator().manual_seed(args.seed)
