@@ -27,7 +27,14 @@ from .config import ConfigError, DataConfig, TrainConfig, did_you_mean
 from .data import ImageData, load_dataset
 from .data.samples import read_samples
 from .inference import TrainedModel
-from .inpainting import BASELINE, MASK_KINDS, biharmonic_fill, inpainting_scores, restore_each_mask
+from .inpainting import (
+    BASELINE,
+    MASK_KINDS,
+    biharmonic_fill,
+    inpainting_scores,
+    restoration_estimate,
+    restore_each_mask,
+)
 from .metrics import ResponseDistance
 from .metrics.classifier import cached_classifier
 from .metrics.generative import (
@@ -381,13 +388,6 @@ def inpainting_report(
                 "fid": frechet_inception_distance(filled, images, network, batch_size=batch_size),
             }
     return ours, baseline
-
-
-def restoration_estimate(average: int) -> str:
-    """What an inpainting report's restorations are, for `average` restorations per image."""
-    if average == 1:
-        return "one restoration per image (a draw from the model given the observed pixels)"
-    return f"posterior mean: the average of {average} restorations per image"
 
 
 def evaluate_inpainting(

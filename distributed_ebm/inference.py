@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from .algorithms import TrainState, get_algorithm
 from .config import ConfigError, RunConfig
 from .distributed import resolve_device
-from .inpainting import fit_latents, inpaint_langevin
+from .inpainting import METHODS, check_average, fit_latents, inpaint_langevin
 from .recovery import effective_overrides
 from .rundir import RunDirectory
 
@@ -105,12 +105,11 @@ class TrainedModel:
             raise ConfigError(f"Images have shape {tuple(images.shape[1:])}; this model takes {self.sample_shape}.")
         if missing.shape[0] != images.shape[0] or missing.shape[-2:] != images.shape[-2:]:
             raise ConfigError(f"Mask shape {tuple(missing.shape)} does not match images {tuple(images.shape)}.")
-        if method not in ("langevin", "generator"):
-            raise ConfigError(f"Unknown inpainting method '{method}'. Choose 'langevin' or 'generator'.")
+        if method not in METHODS:
+            raise ConfigError(f"Unknown inpainting method '{method}'. Choose one of {', '.join(METHODS)}.")
         if method == "generator" and self.state.generator is None:
             raise ConfigError("method 'generator' needs a GGCN model; use method 'langevin'.")
-        if average < 1:
-            raise ConfigError(f"average must be ≥ 1 restorations, got {average}.")
+        check_average(average)
         images, missing = images.to(self.device), missing.to(self.device).float()
         total = sum(self._restore(images, missing, method=method, steps=steps, seed=seed + k, labels=labels)
                     for k in range(average))

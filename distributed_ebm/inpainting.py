@@ -14,9 +14,24 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .langevin import langevin
 
 MASK_KINDS = ("square", "spots", "combined")
+METHODS = ("langevin", "generator")  # masked Langevin on Φ (every model); g(ζ) fitted, then refined (GGCN)
+
+
+def check_average(average: int) -> None:
+    """Refuse a number of restorations to average below 1 (`--average`, `average`)."""
+    if average < 1:
+        raise ConfigError(f"--average must be ≥ 1 restorations per image, got {average}.")
+
+
+def restoration_estimate(average: int) -> str:
+    """What an inpainting report's restorations are, for `average` restorations per image."""
+    if average == 1:
+        return "one restoration per image (a draw from the model given the observed pixels)"
+    return f"posterior mean: the average of {average} restorations per image"
 
 
 def make_masks(kind: str, num: int, size: int, *, generator: torch.Generator, square_fraction: float = 0.5,

@@ -43,13 +43,12 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from .config import ConfigError, did_you_mean
-from .inpainting import MASK_KINDS, make_masks
+from .inpainting import MASK_KINDS, METHODS, make_masks
 
 MAX_IMAGES = 256  # images one request may ask for, all rows together
 MAX_STEPS = 2000  # Langevin steps one request may ask for
 MAX_AVERAGE = 16  # inpainting restorations one request may average per image
 RETURNS = ("png", "array", "both")
-METHODS = ("langevin", "generator")
 COLUMNS = ("request", "task", "index", "image", "array", "shape", "label", "position")
 # The request the registered model is logged with (MLflow shows it, `mlflow models predict` can
 # send it), and its signature: the output columns are fixed; the input has no schema, on purpose:

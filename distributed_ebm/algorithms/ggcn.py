@@ -132,9 +132,7 @@ class GGCNAlgorithm:
         device = next(state.generator.parameters()).device
         gcfg = state.config.generator
         if latents is None:
-            latents = torch.randn((num, gcfg.latent_dim), generator=generator, device=device)
-            if gcfg.latent_temperature != 1.0:
-                latents = latents * gcfg.latent_temperature
+            latents = gcfg.latent_temperature * torch.randn((num, gcfg.latent_dim), generator=generator, device=device)
         with torch.no_grad():
             x = state.generator(latents.to(device), labels)
         steps = gcfg.refine_steps if steps is None else steps

@@ -28,6 +28,7 @@ from ..evaluation import (
     samples_description,
 )
 from ..inference import TrainedModel, load_run
+from ..inpainting import METHODS, check_average
 from ..metrics.generative import find_inception_weights
 
 DEFAULT_NUM = 1000  # images a model generates (or restores) when --num is not given
@@ -66,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--inpainting", action="store_true",
                         help="evaluate inpainting (MSE, PSNR, SSIM, FID per mask) instead of generation")
-    parser.add_argument("--method", default="langevin", choices=["langevin", "generator"], help="inpainting method")
+    parser.add_argument("--method", default="langevin", choices=METHODS, help="inpainting method")
     parser.add_argument("--average", type=int, default=1, metavar="K",
                         help="inpainting: average K restorations per image (the posterior mean, what PSNR rewards)")
     parser.add_argument("--out", help="JSON report (default RUN_DIR/evaluation/<task>.json; with --model, "
@@ -87,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.average != 1 and not args.inpainting:
         raise ConfigError("--average K averages inpainting restorations: use it with --inpainting.")
-    if args.average < 1:
-        raise ConfigError(f"--average must be ≥ 1 restorations per image, got {args.average}.")
+    check_average(args.average)  # before any data, classifier or model is loaded
     settings = settings_from_args(args)
     if settings.features == "inception":  # fail on missing weights before any sampling
         find_inception_weights(settings.inception_weights)

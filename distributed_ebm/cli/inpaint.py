@@ -7,13 +7,15 @@ import argparse
 import json
 from pathlib import Path
 
+from ..inpainting import METHODS
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `debm inpaint` to the CLI's subparsers."""
     inpaint = subparsers.add_parser("inpaint", help="restore masked images of the run's data set; MSE, PSNR, SSIM")
     inpaint.add_argument("--run-dir", required=True)
     inpaint.add_argument("--mask", default="all", choices=["all", "square", "spots", "combined"])
-    inpaint.add_argument("--method", default="langevin", choices=["langevin", "generator"],
+    inpaint.add_argument("--method", default="langevin", choices=METHODS,
                          help="masked Langevin on Φ (every model) or g(ζ) fitted to the observed pixels (GGCN)")
     inpaint.add_argument("--num", type=int, default=64, help="images to inpaint")
     inpaint.add_argument("--steps", type=int, help="Langevin steps (default: langevin.sample_steps; after the "
@@ -32,22 +34,21 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..config import ConfigError
     from ..data import load_dataset
-    from ..evaluation import restoration_estimate
     from ..inference import load_run
     from ..inpainting import (
         BASELINE,
         MASK_KINDS,
         biharmonic_fill,
+        check_average,
         describe_scores,
         inpainting_scores,
+        restoration_estimate,
         restore_each_mask,
     )
     from ..rundir import save_sample_png
 
-    if args.average < 1:
-        raise ConfigError(f"--average must be ≥ 1 restorations per image, got {args.average}.")
+    check_average(args.average)  # before the model is loaded
     model = load_run(args.run_dir, device=args.device)
     data = load_dataset(model.config.data)
     generator = torch.Generator().manual_seed(args.seed)
