@@ -146,6 +146,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # how many checkpoint bundles to keep
     response_bank_seed: int = 1234  # seed of the fixed filter bank behind the response distance R
     ema_decay: float | None = None  # keep an EMA of the model weights (decay per iteration); sampling uses it; None: off
+    ema_models: tuple[str, ...] | None = None  # the networks the EMA averages ("energy", "generator", "grids"); None: all
     time_budget_s: float | None = None  # stop (and checkpoint) after this many seconds of training; None: no budget
 
 
@@ -295,6 +296,8 @@ def check_ranges(config: RunConfig) -> None:
     _check(len(sizes) > 0 and list(sizes) == sorted(set(sizes)), "model.grid_sizes", list(sizes),
            "must be increasing image sides, coarse to fine, ending at the image side")
     _check(len(config.model.channels) > 0, "model.channels", list(config.model.channels), "must name ≥ 1 width")
+    _check(config.train.ema_models is None or config.train.ema_decay is not None, "train.ema_models",
+           config.train.ema_models, "needs train.ema_decay (the EMA it selects networks for)")
     if config.model.algorithm in PERSISTENT_CHAINS:
         _check(config.chains.batch_size <= config.chains.bank_size, "chains.batch_size", config.chains.batch_size,
                f"must be ≤ chains.bank_size ({config.chains.bank_size}): each iteration updates that many of the "

@@ -36,7 +36,10 @@ class TrainedModel:
     def weights_description(self) -> str:
         """Which weights the samples come from, for reports and sample files."""
         if self.weights == "ema":
-            return f"EMA of the weights (train.ema_decay={self.config.train.ema_decay})"
+            averaged = self.state.averaged_models()
+            live = [k for k in self.state.models if k not in averaged]
+            which = f" of {', '.join(averaged)}; live {', '.join(live)}" if live else ""
+            return f"EMA of the weights{which} (train.ema_decay={self.config.train.ema_decay})"
         return "live weights"
 
     @property
@@ -193,7 +196,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path
     state.load_bank_state(banks)
     weights = "ema" if ema and state.ema else "live"
     if weights == "ema":
-        state.models = dict(state.ema)  # state.energy / state.generator now give the averages
+        state.models = {**state.models, **state.ema}  # state.energy / state.generator now give the averages
     for model in state.models.values():
         model.eval()
     return TrainedModel(config, state, shared["iteration"], path, weights)

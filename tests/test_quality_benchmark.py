@@ -52,3 +52,35 @@ def test_quality_benchmark_trains_scores_and_compares(tmp_path):
     assert f"| {agreement:.3f} |" in table
     assert (out / "curve.png").is_file() and (out / "samples-digits_wgcn_cond.png").is_file()
     assert (out / "samples-peer.png").is_file()
+
+
+def test_ema_pairs_scores_live_and_averaged_networks_on_the_same_checkpoints(tmp_path, capsys):
+    import pytest
+
+    from benchmarks.ema_pairs import main
+    from distributed_ebm.config import load_config
+    from distributed_ebm.train_loop import train
+
+    data = _digits_npz(tmp_path / "digits.npz")
+    run_dir = tmp_path / "run"
+    config = load_config(ROOT / "configs" / "digits_ggcn.yaml", {
+        "data.source": "npz", "data.path": str(data), "train.iterations": 4, "train.checkpoint_every": 2,
+        "train.sample_every": 4, "train.data_batch_size": 16, "train.ema_decay": 0.5, "train.ema_models": ["energy"],
+        "langevin.langevin_steps": 2, "model.channels": [4, 8], "generator.latent_bank_size": 16, "chains.batch_size": 16,
+        "tracking.enabled": False,
+    })
+    train(config, run_dir, progress=False)
+    common = ["--data", str(data), "--num", "40", "--steps", "2", "--classifier-epochs", "1",
+              "--classifier-images", "600", "--kid-subsets", "3", "--cache-dir", str(tmp_path / "cache")]
+    main([str(run_dir), "--checkpoints", "2,4", "--mixes", "live,energy,all", *common])
+    out = capsys.readouterr().out
+    assert "feature network: SmallClassifier" in out and "| 4 | energy |" in out
+    rows = {(r["iteration"], r["mix"]): r for r in json.loads(out.strip().splitlines()[-1])}
+    assert sorted(rows) == [(2, "all"), (2, "energy"), (2, "live"), (4, "all"), (4, "energy"), (4, "live")]
+    for it in (2, 4):
+        assert rows[it, "energy"]["fid"] == rows[it, "all"]["fid"]  # the run averages the energy only
+        assert rows[it, "energy"]["fid"] != rows[it, "live"]["fid"]  # same seed, other weights
+    with pytest.raises(SystemExit, match=r"no EMA of \['generator'\]"):
+        main([str(run_dir), "--checkpoints", "4", "--mixes", "generator", *common])
+    with pytest.raises(SystemExit, match=r"no checkpoint of iteration 3; it has \[2, 4\]"):
+        main([str(run_dir), "--checkpoints", "3", *common])

@@ -312,20 +312,39 @@ def test_ema_round_trips_and_old_checkpoints_start_it_from_the_live_weights():
     assert "ema" not in build("wgcn")[0].model_state()  # off: the checkpoint format is unchanged
 
 
+def test_ema_models_averages_only_the_named_networks():
+    d = 0.5
+    state, _ = build("ggcn", {"train.ema_decay": d, "train.ema_models": ["energy"], "generator.generator_every": 1})
+    assert set(state.ema) == {"energy"} and state.averaged_models() == ["energy"]
+    before = _weights(state.energy)
+    ALGORITHMS["ggcn"].train_step(state, data_batch(), None, generator=torch.Generator().manual_seed(0))
+    after = _weights(state.energy)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    for name, average in state.ema["energy"].named_parameters():
+        assert torch.allclose(average, d * before[name] + (1 - d) * after[name], rtol=1e-6, atol=1e-7), name
+    assert set(state.model_state()["ema"]) == {"energy"}  # the generator's step left no average behind
+    for names, algorithm in ((["energie"], "ggcn"), (["generator"], "wgcn"), ([], "ggcn")):
+        with pytest.raises(ConfigError, match=r"train\.ema_models.*Fix the list"):
+            build(algorithm, {"train.ema_decay": d, "train.ema_models": names})
+    with pytest.raises(ConfigError, match=r"train\.ema_models.*needs train\.ema_decay"):
+        RunConfig().replace({"train.ema_models": ["energy"]})
+
+
 @pytest.fixture(scope="module")
 def ema_runs(tmp_path_factory):
-    """Tiny wGCN and GGCN runs trained with an EMA of the weights."""
+    """Tiny wGCN and GGCN runs trained with an EMA of the weights (ggcn_energy: of the energy only)."""
     runs = {}
-    for preset in ("digits_wgcn.yaml", "digits_ggcn.yaml"):
-        run_dir = tmp_path_factory.mktemp(preset.split(".")[0])
+    for name, preset, extra in (("wgcn", "digits_wgcn.yaml", {}), ("ggcn", "digits_ggcn.yaml", {}),
+                                ("ggcn_energy", "digits_ggcn.yaml", {"train.ema_models": ["energy"]})):
+        run_dir = tmp_path_factory.mktemp(name)
         config = load_config(CONFIGS / preset, {
             "train.iterations": 4, "train.checkpoint_every": 4, "train.sample_every": 4, "train.data_batch_size": 8,
             "train.ema_decay": 0.5, "chains.bank_size": 8, "chains.batch_size": 8, "langevin.langevin_steps": 2,
             "model.channels": [4, 8], "generator.latent_dim": 4, "generator.base_width": 2,
-            "generator.latent_bank_size": 8, "generator.generator_every": 1, "tracking.enabled": False,
+            "generator.latent_bank_size": 8, "generator.generator_every": 1, "tracking.enabled": False, **extra,
         })
         train(config, run_dir, progress=False)
-        runs[preset.split("_")[1].split(".")[0]] = run_dir
+        runs[name] = run_dir
     return runs
 
 
@@ -363,6 +382,19 @@ def test_load_run_samples_from_the_ema_weights(ema_runs, name, tmp_path):
     if name == "ggcn":
         assert torch.isfinite(model.interpolate(1, 1, steps=1)).all()
     assert torch.isnan(load_run(run_dir, ema=False).sample(3, steps=2, seed=1)).all()  # the spoiled live copy
+
+
+def test_load_run_averages_only_the_ema_models_and_keeps_the_rest_live(ema_runs):
+    by_hand = load_run(ema_runs["ggcn_energy"], ema=False)
+    shared, _ = ckpt.read_checkpoint(by_hand.checkpoint)
+    assert set(shared["ema"]) == {"energy"}
+    by_hand.state.energy.load_state_dict(shared["ema"]["energy"])
+    model = load_run(ema_runs["ggcn_energy"])
+    assert model.weights == "ema" and model.state.generator is not None
+    assert "of energy; live generator" in model.weights_description
+    assert torch.equal(model.sample(3, steps=2, seed=1), by_hand.sample(3, steps=2, seed=1))
+    live = load_run(ema_runs["ggcn_energy"], ema=False)
+    assert not torch.equal(live.sample(3, steps=2, seed=1), by_hand.sample(3, steps=2, seed=1))
 
 
 def test_debm_sample_says_it_used_the_ema_weights(ema_runs, tmp_path, capsys):

@@ -52,7 +52,20 @@ class TrainState:
     def __post_init__(self) -> None:
         self.sampler = langevin_settings(self.config.langevin, self.data_range)
         if self.config.train.ema_decay is not None and not self.ema:
-            self.ema = {k: ema_copy(m) for k, m in self.models.items()}
+            self.ema = {k: ema_copy(self.models[k]) for k in self.averaged_models()}
+
+    def averaged_models(self) -> list[str]:
+        """The names of the networks train.ema_decay averages: train.ema_models, or all of them."""
+        names = self.config.train.ema_models
+        if names is None:
+            return list(self.models)
+        unknown = sorted(set(names) - set(self.models))
+        if unknown or not names:
+            raise ConfigError(
+                f"train.ema_models={list(names)} must name some of this model's networks "
+                f"{sorted(self.models)}{f', not {unknown}' if unknown else ''}. Fix the list, or remove it to average all."
+            )
+        return list(dict.fromkeys(names))
 
     @property
     def fresh_sampler(self) -> LangevinSettings:
@@ -247,7 +260,7 @@ def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dic
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
-    for key in state.models_of(name) if state.ema else ():
+    for key in (k for k in state.models_of(name) if k in state.ema):
         update_ema(state.ema[key], state.models[key], decay=state.config.train.ema_decay)
     return norms
 
