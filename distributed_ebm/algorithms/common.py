@@ -260,8 +260,9 @@ def optimizer_step(state: TrainState, name: str, loss: torch.Tensor, groups: dic
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
-    for key in (k for k in state.models_of(name) if k in state.ema):
-        update_ema(state.ema[key], state.models[key], decay=state.config.train.ema_decay)
+    for key in state.models_of(name) if state.ema else ():  # off: no per-step walk over the parameters
+        if key in state.ema:  # train.ema_models may leave this optimiser's models live
+            update_ema(state.ema[key], state.models[key], decay=state.config.train.ema_decay)
     return norms
 
 
