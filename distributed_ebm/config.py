@@ -63,6 +63,7 @@ class ModelConfig:
     jko_weight: float = 1e-4  # β: weight of the JKO / Wasserstein time piece (measured: docs/defaults.md)
     penalty_params: str = "theta"  # which parameters the JKO penalty's gradient reaches: "theta" | "all"
     conditional: bool = False  # class-conditional Φ (label projection on θ) and generator input
+    clusters: int = 0  # K ≥ 2: self-conditioning, the conditional networks on K k-means clusters of the images (clusters.py); 0: off
     grid_sizes: tuple[int, ...] = (1, 4, 8)  # MGCN / wMGCN: image side of each grid, coarse to fine
     upsample: str = "nearest"  # MGCN: how chains move to the next grid, "nearest" or "bilinear"
     seed: int = 0  # seed of the network initialisation and of the fixed filter bank
@@ -259,6 +260,7 @@ RANGES: dict[str, Range] = {  # every numeric key (a test walks RunConfig and fi
     "data.mean_samples": AT_LEAST_1,
     "model.channels": AT_LEAST_1, "model.filter_layers": AT_LEAST_1, "model.jko_weight": AT_LEAST_0,
     "model.grid_sizes": AT_LEAST_1, "model.seed": AT_LEAST_0, "model.energy_l2": AT_LEAST_0,
+    "model.clusters": AT_LEAST_0,
     "generator.latent_dim": AT_LEAST_1, "generator.base_width": AT_LEAST_1, "generator.embed_dim": AT_LEAST_1,
     "generator.lr": POSITIVE, "generator.betas": DECAY, "generator.latent_lr": POSITIVE,
     "generator.generator_every": AT_LEAST_1, "generator.latent_bank_size": AT_LEAST_1,
@@ -298,6 +300,11 @@ def check_ranges(config: RunConfig) -> None:
     _check(len(config.model.channels) > 0, "model.channels", list(config.model.channels), "must name ≥ 1 width")
     _check(config.train.ema_models is None or config.train.ema_decay is not None, "train.ema_models",
            config.train.ema_models, "needs train.ema_decay (the EMA it selects networks for)")
+    _check(config.model.clusters != 1, "model.clusters", config.model.clusters,
+           "must be 0 (off) or the number of clusters, at least 2")
+    _check(not (config.model.clusters and config.model.conditional), "model.clusters", config.model.clusters,
+           "replaces the labels of model.conditional with clusters of the images: set one of them "
+           "(model.conditional=false for clusters, model.clusters=0 for labels)")
     if config.model.algorithm in PERSISTENT_CHAINS:
         _check(config.chains.batch_size <= config.chains.bank_size, "chains.batch_size", config.chains.batch_size,
                f"must be ≤ chains.bank_size ({config.chains.bank_size}): each iteration updates that many of the "

@@ -172,6 +172,9 @@ def draw_samples(model: TrainedModel, settings: EvalSettings) -> tuple[torch.Ten
             )
         if model.num_classes:
             source["labels"] = f"cycling through the {model.num_classes} classes"
+        elif model.clusters is not None:
+            source["labels"] = (f"self-conditioned: {len(model.clusters)} k-means clusters of the training images "
+                                "(model.clusters), drawn by their shares; no data label is used")
     source.update(num=len(samples), seed=settings.seed)
     return samples, source
 

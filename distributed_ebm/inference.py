@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .algorithms import TrainState, get_algorithm
+from .clusters import Clusters
 from .config import ConfigError, RunConfig
 from .distributed import resolve_device
 from .inpainting import METHODS, check_average, fit_latents, inpaint_langevin
@@ -52,7 +53,15 @@ class TrainedModel:
 
     @property
     def num_classes(self) -> int:
-        return int(self.state.meta.get("num_classes", 0))
+        """The classes a user can ask for (model.conditional); 0 for unconditional models, also
+        self-conditioned ones, whose clusters are not classes (see `clusters`)."""
+        return 0 if self.clusters is not None else int(self.state.meta.get("num_classes", 0))
+
+    @property
+    def clusters(self) -> Clusters | None:
+        """The k-means clusters of a self-conditioned model (model.clusters), else None."""
+        saved = self.state.meta.get("clusters")
+        return None if saved is None else Clusters.from_state(saved)
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +91,8 @@ class TrainedModel:
                 raise ConfigError(f"The bank holds {len(bank)} chains; asked for {num}.")
             return bank.states[torch.randperm(len(bank), generator=generator, device=self.device)[:num]].cpu()
         labels = self.labels_for(num, label)
+        if labels is None and self.clusters is not None:  # p(x) = Σ_k π_k p(x | k): clusters by their shares
+            labels = self.clusters.draw(num, device=self.device)
         out = []
         with tqdm(total=num, unit="img", desc="sampling", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, num, batch_size):
@@ -114,6 +125,8 @@ class TrainedModel:
             raise ConfigError("method 'generator' needs a GGCN model; use method 'langevin'.")
         check_average(average)
         images, missing = images.to(self.device), missing.to(self.device).float()
+        if labels is None and self.clusters is not None:  # the cluster nearest the observed pixels
+            labels = self.clusters.assign(images, observed=1 - missing)
         total = sum(self._restore(images, missing, method=method, steps=steps, seed=seed + k, labels=labels)
                     for k in range(average))
         # (x + x + x) / 3 need not round back to x: observed pixels are taken from the images
@@ -157,6 +170,8 @@ class TrainedModel:
             raise ConfigError(f"Interpolation needs a model with a generator (ggcn*), not '{self.config.model.algorithm}'.")
         latents = self.interpolation_latents(rows, midpoints, seed=seed)
         labels = None if not self.num_classes else self.labels_for(len(latents), label)
+        if labels is None and self.clusters is not None:  # one cluster per row, by their shares
+            labels = self.clusters.draw(rows, device=self.device).repeat_interleave(midpoints + 2)
         images = self.algorithm.sample(self.state, len(latents), generator=torch.Generator(device=self.device).manual_seed(seed),
                                        steps=steps, labels=labels, latents=latents)
         return images.view(rows, midpoints + 2, *self.sample_shape).cpu()
@@ -193,6 +208,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path
         num_classes=meta.get("num_classes", 0),
     )
     state.load_model_state(shared)
+    if "clusters" in meta:  # model.clusters: what sampling draws from and inpainting assigns to
+        state.meta["clusters"] = meta["clusters"]
     state.load_bank_state(banks)
     weights = "ema" if ema and state.ema else "live"
     if weights == "ema":

@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .algorithms import Algorithm, TrainState, get_algorithm
+from .clusters import Clusters
 from .config import RunConfig
 from .distributed import ProcessContext, all_reduce_gradients, make_generator, stream_seed
 from .metrics import CollapseDetector
@@ -62,6 +63,12 @@ class RunState:
         train = algorithm.build(config, data.sample_shape, device=ctx.device, generator=generators["chains"],
                                 data_mean=data_mean, num_classes=data.num_classes, rank=ctx.rank)
         train.sync_gradients = all_reduce_gradients
+        clusters = getattr(data, "clusters", None)
+        if clusters is not None:  # model.clusters: saved with the model; chains carry clusters by their shares
+            train.meta["clusters"] = clusters.state_dict()
+            for bank in train.banks.values():
+                if bank.labels is not None:
+                    bank.labels = clusters.label_ids(bank.ids)
         return cls(config, algorithm, train, generators, CollapseDetector(config.collapse), data)
 
     def knobs(self) -> dict[str, float]:
@@ -125,8 +132,22 @@ class RunState:
         # stands in for every rank's.
         self._load(saved["shared"], [saved["rank"]] * ctx.world_size, ctx, "a snapshot in memory")
 
+    def _keep_saved_clusters(self, meta: dict) -> None:
+        """model.clusters: label data batches with the clusters the checkpoint trained with (a
+        refit on the same images finds the same ones; other images would not)."""
+        saved = meta.get("clusters")
+        if saved is None or getattr(self.data, "clusters", None) is None:
+            return
+        clusters = Clusters.from_state(saved)
+        if not torch.equal(clusters.centroids, self.data.clusters.centroids):
+            log.warning("The data's k-means clusters differ from the checkpoint's (other images?): "
+                        "labelling batches with the checkpoint's, as the model was trained.")
+        self.data.clusters = clusters
+        self.train.meta["clusters"] = clusters.state_dict()
+
     def _load(self, shared: dict, rank_states: list[dict], ctx: ProcessContext, source: Path | str) -> None:
         self.train.load_model_state(shared)
+        self._keep_saved_clusters(shared["meta"])
         self.train.load_bank_state(ckpt.bank_shard(rank_states, ctx.rank, ctx.world_size))
         self.collapse.load_state_dict(shared["collapse"])
         self.iteration, self.images_seen = shared["iteration"], shared["images_seen"]

@@ -291,6 +291,10 @@ def chains_per_step(batch_size: int, bank_size: int, bank: ChainBank) -> int:
 
 
 def _num_classes(config: RunConfig, num_classes: int) -> int:
+    """The classes the networks are built for: the data's labels (model.conditional), the
+    clusters (model.clusters) or none."""
+    if config.model.clusters:
+        return config.model.clusters
     if not config.model.conditional:
         return 0
     if num_classes < 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..clusters import ClusteredData, Clusters
 from .sources import SOURCES, ImageData, grid_centres, load_dataset, ring_centres
 from .stream import StreamingData
 
@@ -18,14 +19,21 @@ def training_data(config, rank: int, world_size: int, device: torch.device):
     """(this rank's data, the whole data set's mean image) for the training loop.
 
     In-memory sources give the rank's disjoint share (`ImageData.shard`); `webdataset` gives a
-    `StreamingData` that reads the rank's shards. Both answer `batch(n, generator)`.
+    `StreamingData` that reads the rank's shards. Both answer `batch(n, generator)`. With
+    model.clusters the batches carry k-means clusters instead of labels (`ClusteredData`), fitted
+    on the whole in-memory data set, or on a stream's first data.mean_samples images: the same
+    images on every rank, so every rank finds the same clusters.
     """
     if config.data.source == "webdataset":
-        stream = StreamingData(config.data, batch_size=config.train.data_batch_size, rank=rank,
-                               world_size=world_size, seed=config.train.seed, device=device)
-        return stream, stream.mean
-    full = load_dataset(config.data)
-    return full.shard(rank, world_size), full.x.mean(0, keepdim=True)
+        data = StreamingData(config.data, batch_size=config.train.data_batch_size, rank=rank,
+                             world_size=world_size, seed=config.train.seed, device=device)
+        fit_on, mean = data.reference, data.mean
+    else:
+        full = load_dataset(config.data)
+        data, fit_on, mean = full.shard(rank, world_size), full.x, full.x.mean(0, keepdim=True)
+    if config.model.clusters:
+        data = ClusteredData(data, Clusters.fit(fit_on, config.model.clusters, seed=config.model.seed))
+    return data, mean
 
 
 __all__ = ["SOURCES", "ImageData", "grid_centres", "load_dataset", "ring_centres", "training_data"]

@@ -1,0 +1,146 @@
+"""Self-conditioning (model.clusters): k-means clusters of the images stand in for labels."""
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_ebm.cli import main
+from distributed_ebm.clusters import ClusteredData, Clusters
+from distributed_ebm.config import ConfigError, load_config
+from distributed_ebm.data import ImageData, training_data
+from distributed_ebm.inference import load_run
+from distributed_ebm.train_loop import train
+from tests.test_train import CONFIGS
+
+
+def _blobs(sizes=(500, 300, 200), dim=16, seed=0):
+    """Three well-separated blobs of unequal sizes, shuffled; returns images and true blob ids."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(3, dim) * 4
+    x = torch.cat([centres[k] + 0.3 * torch.randn(n, dim, generator=g) for k, n in enumerate(sizes)])
+    y = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    order = torch.randperm(len(x), generator=g)
+    return x[order].view(-1, 1, 4, 4), y[order]
+
+
+def _relabel(found: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """The found cluster ids mapped to the true blob they hold most of."""
+    mapping = {int(k): int(torch.mode(true[found == k]).values) for k in found.unique()}
+    return torch.tensor([mapping[int(k)] for k in found])
+
+
+def test_kmeans_recovers_unequal_blobs_with_their_shares():
+    x, y = _blobs()
+    clusters = Clusters.fit(x, 3, seed=0)
+    found = clusters.assign(x)
+    assert torch.equal(_relabel(found, y), y)  # every image in its blob's cluster
+    assert sorted(clusters.shares.tolist()) == pytest.approx([0.2, 0.3, 0.5])
+    again = Clusters.fit(x, 3, seed=0)  # deterministic: every rank finds the same clusters
+    assert torch.equal(again.centroids, clusters.centroids)
+
+
+def test_assign_with_a_hole_uses_only_the_observed_pixels():
+    clusters = Clusters(torch.tensor([[1.0, 1.0, -1.0, -1.0], [-1.0, -1.0, 1.0, 1.0]]), torch.tensor([0.5, 0.5]))
+    # the first half says cluster 0; the second half (missing) looks like cluster 1 and outweighs it
+    image = torch.tensor([[0.9, 0.9, 3.0, 3.0]]).view(1, 1, 2, 2)
+    assert clusters.assign(image).item() == 1
+    observed = torch.tensor([[1.0, 1.0, 0.0, 0.0]]).view(1, 1, 2, 2)
+    assert clusters.assign(image, observed=observed).item() == 0
+
+
+@pytest.mark.parametrize("num", [7, 64, 1000])
+def test_draw_is_stratified_by_the_shares(num):
+    clusters = Clusters(torch.zeros(3, 4), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    counts = torch.bincount(clusters.draw(num), minlength=3).double() / num
+    # the golden-ratio sequence: every prefix within ~2/num of the shares (i.i.d. draws: ±1/√num)
+    assert (counts - clusters.shares).abs().max() <= 2.5 / num + 1e-9, counts
+    # any run of ids (a chain bank shard of another rank) is stratified too
+    shard = torch.bincount(clusters.label_ids(torch.arange(5000, 5000 + num)), minlength=3).double() / num
+    assert (shard - clusters.shares).abs().max() <= 2.5 / num + 1e-9, shard
+
+
+def test_fit_refuses_too_few_images_and_one_cluster():
+    with pytest.raises(ConfigError, match="at least 5 images"):
+        Clusters.fit(torch.randn(3, 1, 2, 2), 5)
+    with pytest.raises(ConfigError, match="fewer than 3 distinct images"):
+        Clusters.fit(torch.zeros(10, 1, 2, 2), 3)
+    for bad, match in (({"model.clusters": 1}, "at least 2"),
+                       ({"model.clusters": 3, "model.conditional": True}, "model.conditional=false")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(CONFIGS / "digits_ggcn.yaml", bad)
+
+
+def test_batches_carry_clusters_not_the_sources_labels():
+    x, y = _blobs()
+    data = ClusteredData(ImageData(x, (y + 1) % 3, "blobs", 3), Clusters.fit(x, 3))
+    images, labels = data.batch(64, torch.Generator().manual_seed(0))
+    assert torch.equal(labels, data.clusters.assign(images))
+    assert data.num_classes == 3 and data.sample_shape == (1, 4, 4)  # the rest is the wrapped data's
+
+
+def test_every_rank_fits_the_same_clusters_on_the_whole_data_set(tiny_overrides):
+    config = load_config(CONFIGS / "digits_ggcn.yaml", {**tiny_overrides, "model.clusters": 4})
+    shards = [training_data(config, rank, 2, torch.device("cpu"))[0] for rank in range(2)]
+    assert torch.equal(shards[0].clusters.centroids, shards[1].clusters.centroids)
+    assert len(shards[0].data) + len(shards[1].data) == 1797  # each rank keeps its own share
+
+
+def test_self_conditioned_ggcn_trains_samples_inpaints_and_resumes_without_labels(tmp_path, tiny_overrides,
+                                                                                   monkeypatch):
+    overrides = {**tiny_overrides, "model.clusters": 4, "data.labels": False, "generator.latent_bank_size": 64,
+                 "generator.latent_dim": 8, "generator.base_width": 8, "chains.batch_size": 16}
+    config = load_config(CONFIGS / "digits_ggcn.yaml", overrides)
+    summary = train(config, tmp_path / "run", progress=False)
+    assert summary["status"] == "completed"
+    model = load_run(tmp_path / "run")
+    clusters = model.clusters
+    assert clusters is not None and len(clusters) == 4 and model.num_classes == 0  # no class to ask for
+    labels = model.state.banks["latents"].labels  # the chains carry clusters by their shares
+    share = torch.bincount(labels, minlength=4).double() / len(labels)
+    assert (share - clusters.shares).abs().max() < 0.05, (share, clusters.shares)
+    with pytest.raises(ConfigError, match="not class-conditional"):
+        model.sample(2, label=1)
+
+    seen = []
+    sample = type(model.algorithm).sample
+
+    def spy(self, state, num, **kwargs):
+        seen.append(kwargs["labels"].cpu())
+        return sample(self, state, num, **kwargs)
+
+    monkeypatch.setattr(type(model.algorithm), "sample", spy)
+    images = model.sample(40, batch_size=16)
+    monkeypatch.undo()
+    assert images.shape == (40, 1, 8, 8) and torch.isfinite(images).all()
+    assert torch.equal(torch.cat(seen), clusters.draw(40))  # p(x) = Σ_k π_k p(x | k)
+
+    missing = torch.zeros(3, 1, 8, 8)
+    missing[..., 4:] = 1
+    restored = model.inpaint(images[:3], missing, method="generator", steps=2)
+    assert torch.equal(restored[..., :4], images[:3, ..., :4]) and torch.isfinite(restored).all()
+
+    # resume: the same clusters label the batches, so the run continues bit for bit
+    from tests.test_train import _metrics, _sets
+
+    base = ["train", "--config", str(CONFIGS / "digits_ggcn.yaml"), *_sets(overrides)]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*base, "--run-dir", str(full)]) == 0
+    assert main([*base, "--run-dir", str(part), "--set", "train.iterations=3"]) == 0
+    assert main([*base, "--run-dir", str(part), "--resume"]) == 0
+    drop = {"seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _metrics(full)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in _metrics(part)]
+
+
+def test_evaluate_reports_self_conditioned_sampling(tmp_path, tiny_overrides):
+    from distributed_ebm.evaluation import EvalSettings, evaluate_generation
+
+    config = load_config(CONFIGS / "digits_ggcn.yaml", {**tiny_overrides, "model.clusters": 3,
+                                                        "generator.latent_bank_size": 64})
+    train(config, tmp_path / "run", progress=False)
+    model = load_run(tmp_path / "run")
+    report = evaluate_generation(model, model.config.data, EvalSettings(
+        num_samples=60, classifier_epochs=1, kid_subsets=2, cache_dir=str(tmp_path / "cache")))
+    assert report["samples"]["labels"].startswith("self-conditioned: 3 k-means clusters")
+    assert "label_agreement" not in report  # clusters are not the classifier's classes
+    assert np.isfinite(report["scores"]["fid"])
