@@ -92,7 +92,7 @@ class TrainedModel:
             return bank.states[torch.randperm(len(bank), generator=generator, device=self.device)[:num]].cpu()
         labels = self.labels_for(num, label)
         if labels is None and self.clusters is not None:  # p(x) = Σ_k π_k p(x | k): clusters by their shares
-            labels = self.clusters.draw(num, device=self.device)
+            labels = self.clusters.draw(num, offset=seed * num, device=self.device)  # the seed picks the run of ids
         out = []
         with tqdm(total=num, unit="img", desc="sampling", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, num, batch_size):
@@ -171,7 +171,7 @@ class TrainedModel:
         latents = self.interpolation_latents(rows, midpoints, seed=seed)
         labels = None if not self.num_classes else self.labels_for(len(latents), label)
         if labels is None and self.clusters is not None:  # one cluster per row, by their shares
-            labels = self.clusters.draw(rows, device=self.device).repeat_interleave(midpoints + 2)
+            labels = self.clusters.draw(rows, offset=seed * rows, device=self.device).repeat_interleave(midpoints + 2)
         images = self.algorithm.sample(self.state, len(latents), generator=torch.Generator(device=self.device).manual_seed(seed),
                                        steps=steps, labels=labels, latents=latents)
         return images.view(rows, midpoints + 2, *self.sample_shape).cpu()

@@ -139,7 +139,7 @@ class RunState:
         if saved is None or getattr(self.data, "clusters", None) is None:
             return
         clusters = Clusters.from_state(saved)
-        if not torch.equal(clusters.centroids, self.data.clusters.centroids):
+        if not torch.allclose(clusters.centroids, self.data.clusters.centroids, atol=1e-5):
             log.warning("The data's k-means clusters differ from the checkpoint's (other images?): "
                         "labelling batches with the checkpoint's, as the model was trained.")
         self.data.clusters = clusters

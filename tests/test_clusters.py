@@ -113,6 +113,13 @@ def test_self_conditioned_ggcn_trains_samples_inpaints_and_resumes_without_label
     monkeypatch.undo()
     assert images.shape == (40, 1, 8, 8) and torch.isfinite(images).all()
     assert torch.equal(torch.cat(seen), clusters.draw(40))  # p(x) = Σ_k π_k p(x | k)
+    seen.clear()
+    monkeypatch.setattr(type(model.algorithm), "sample", spy)
+    for seed in range(12):
+        model.sample(1, seed=seed)
+    monkeypatch.undo()
+    singles = {int(labels[0]) for labels in seen}
+    assert len(singles) >= 3, singles  # one image per seed still visits the clusters, not one mode
 
     missing = torch.zeros(3, 1, 8, 8)
     missing[..., 4:] = 1
