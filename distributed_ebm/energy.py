@@ -289,7 +289,8 @@ def build_energy(
     if energy not in ENERGIES:
         raise ConfigError(f"Unknown model.energy '{energy}'. Choose one of {sorted(ENERGIES)}.")
     if num_classes and energy not in CONDITIONAL_ENERGIES:
-        raise ConfigError(f"model.conditional needs a conditional energy ({CONDITIONAL_ENERGIES}), not '{energy}'.")
+        key = "model.clusters" if config.clusters else "model.conditional"
+        raise ConfigError(f"{key} needs a conditional energy ({CONDITIONAL_ENERGIES}), not '{energy}'.")
     if config.spectral_norm and energy not in SPECTRAL_ENERGIES:
         raise ConfigError(
             f"model.spectral_norm applies to the trained filters w of {SPECTRAL_ENERGIES}; the '{energy}' "

@@ -78,6 +78,13 @@ class TrainedModel:
         labels = torch.full((num,), label) if label is not None else torch.arange(num) % self.num_classes
         return labels.to(self.device)
 
+    def clusters_for(self, num: int, seed: int = 0) -> torch.Tensor | None:
+        """The clusters `sample(num, seed=seed)` draws for a self-conditioned model (p(x) = Σ_k π_k
+        p(x | k): by their shares, the seed picking the run of ids), else None."""
+        if self.clusters is None:
+            return None
+        return self.clusters.draw(num, offset=seed * num, device=self.device)
+
     def sample(self, num: int, *, steps: int | None = None, seed: int = 0, from_bank: bool = False,
                label: int | None = None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """`num` fresh samples (the algorithm's own way: fresh chains, multi-grid, or g(ζ) + Langevin),
@@ -91,8 +98,8 @@ class TrainedModel:
                 raise ConfigError(f"The bank holds {len(bank)} chains; asked for {num}.")
             return bank.states[torch.randperm(len(bank), generator=generator, device=self.device)[:num]].cpu()
         labels = self.labels_for(num, label)
-        if labels is None and self.clusters is not None:  # p(x) = Σ_k π_k p(x | k): clusters by their shares
-            labels = self.clusters.draw(num, offset=seed * num, device=self.device)  # the seed picks the run of ids
+        if labels is None:
+            labels = self.clusters_for(num, seed)
         out = []
         with tqdm(total=num, unit="img", desc="sampling", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, num, batch_size):

@@ -95,31 +95,26 @@ def test_self_conditioned_ggcn_trains_samples_inpaints_and_resumes_without_label
     model = load_run(tmp_path / "run")
     clusters = model.clusters
     assert clusters is not None and len(clusters) == 4 and model.num_classes == 0  # no class to ask for
-    labels = model.state.banks["latents"].labels  # the chains carry clusters by their shares
-    share = torch.bincount(labels, minlength=4).double() / len(labels)
-    assert (share - clusters.shares).abs().max() < 0.05, (share, clusters.shares)
+    _assert_holds_shares(model.state.banks["latents"].labels, clusters)  # the chains carry clusters
     with pytest.raises(ConfigError, match="not class-conditional"):
         model.sample(2, label=1)
 
-    seen = []
-    sample = type(model.algorithm).sample
-
-    def spy(self, state, num, **kwargs):
-        seen.append(kwargs["labels"].cpu())
-        return sample(self, state, num, **kwargs)
-
-    monkeypatch.setattr(type(model.algorithm), "sample", spy)
+    seen = _spy_sample_labels(model, monkeypatch)
     images = model.sample(40, batch_size=16)
-    monkeypatch.undo()
     assert images.shape == (40, 1, 8, 8) and torch.isfinite(images).all()
     assert torch.equal(torch.cat(seen), clusters.draw(40))  # p(x) = Σ_k π_k p(x | k)
     seen.clear()
-    monkeypatch.setattr(type(model.algorithm), "sample", spy)
     for seed in range(12):
         model.sample(1, seed=seed)
     monkeypatch.undo()
     singles = {int(labels[0]) for labels in seen}
     assert len(singles) >= 3, singles  # one image per seed still visits the clusters, not one mode
+
+    out = tmp_path / "samples.npz"  # `debm sample` writes the cluster each sample was drawn from
+    assert main(["sample", "--run-dir", str(tmp_path / "run"), "--num", "5", "--seed", "3", "--out", str(out)]) == 0
+    with np.load(out) as saved:
+        assert saved["x"].shape == (5, 1, 8, 8) and "y" not in saved
+        assert np.array_equal(saved["clusters"], clusters.draw(5, offset=15).numpy())
 
     missing = torch.zeros(3, 1, 8, 8)
     missing[..., 4:] = 1
@@ -151,3 +146,41 @@ def test_evaluate_reports_self_conditioned_sampling(tmp_path, tiny_overrides):
     assert report["samples"]["labels"].startswith("self-conditioned: 3 k-means clusters")
     assert "label_agreement" not in report  # clusters are not the classifier's classes
     assert np.isfinite(report["scores"]["fid"])
+
+
+@pytest.mark.parametrize("preset", ["digits_wgcn.yaml", "digits_mgcn.yaml"])
+def test_self_conditioned_wgcn_and_mgcn_train_on_clusters(tmp_path, tiny_overrides, monkeypatch, preset):
+    """The descriptive families take the same path: batches carry clusters, the wGCN bank holds
+    them by their shares, fresh samples draw them by their shares."""
+    config = load_config(CONFIGS / preset, {**tiny_overrides, "model.clusters": 3, "data.labels": False,
+                                            "chains.bank_size": 64})
+    summary = train(config, tmp_path / "run", progress=False)
+    assert summary["status"] == "completed"
+    model = load_run(tmp_path / "run")
+    clusters = model.clusters
+    assert clusters is not None and len(clusters) == 3 and model.num_classes == 0
+    bank = model.state.banks.get("chains")
+    if bank is not None:  # wGCN's persistent chains
+        _assert_holds_shares(bank.labels, clusters)
+    seen = _spy_sample_labels(model, monkeypatch)
+    images = model.sample(6, steps=2)
+    assert images.shape == (6, 1, 8, 8) and torch.isfinite(images).all()
+    assert torch.equal(torch.cat(seen), clusters.draw(6))
+
+
+def _assert_holds_shares(labels, clusters):
+    share = torch.bincount(labels, minlength=len(clusters)).double() / len(labels)
+    assert (share - clusters.shares).abs().max() < 0.05, (share, clusters.shares)
+
+
+def _spy_sample_labels(model, monkeypatch):
+    """The labels each call of the algorithm's sampler receives, in call order."""
+    seen = []
+    sample = type(model.algorithm).sample
+
+    def spy(self, state, num, **kwargs):
+        seen.append(kwargs["labels"].cpu())
+        return sample(self, state, num, **kwargs)
+
+    monkeypatch.setattr(type(model.algorithm), "sample", spy)
+    return seen

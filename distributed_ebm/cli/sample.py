@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     )
     labels = model.labels_for(args.num, args.label)
     extra = {} if labels is None else {"y": labels.cpu().numpy()}
+    clusters = None if args.from_bank else model.clusters_for(args.num, args.seed)
+    if clusters is not None:  # self-conditioned: the k-means cluster each sample was drawn from
+        extra["clusters"] = clusters.cpu().numpy()
     np.savez(out, x=samples.numpy(), source=source, iteration=model.iteration, weights=model.weights, **extra)
     if args.png:
         cycled = labels is not None and args.label is None  # one row per class
