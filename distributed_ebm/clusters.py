@@ -8,8 +8,9 @@ model is still a model of p(x) = Σ_k π_k p(x | k). The clusters give the gener
 a mode to start from, as the self-conditioned GAN does with clusters of its discriminator's
 features (Liu et al. 2020, "Diverse image generation via self-conditioned GANs").
 
-The fit is deterministic (k-means++ seeded by model.seed, then Lloyd's iterations in float64), so
-every rank finds the same clusters from the same images; the centroids and shares are saved with
+The fit is deterministic (k-means++ seeded by model.seed, then Lloyd's iterations in float64, on
+at most FIT_MAX_IMAGES images drawn by the same seed), so every rank finds the same clusters from
+the same images; the centroids and shares are saved with
 the model (TrainState.meta["clusters"]) and sampling, inpainting and serving read them there.
 """
 
@@ -23,6 +24,7 @@ import torch
 from .config import ConfigError
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # the stratified draw's step: every run of ids covers the shares evenly
+FIT_MAX_IMAGES = 60_000  # larger sets are fitted on a seeded subset: memory N·D float64 per rank stays bounded
 
 
 @dataclass
@@ -36,9 +38,15 @@ class Clusters:
         return len(self.centroids)
 
     @classmethod
-    def fit(cls, images: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100) -> Clusters:
+    def fit(cls, images: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100,
+            max_images: int = FIT_MAX_IMAGES) -> Clusters:
         """k-means of `images` (N, …) in pixel space: k-means++ seeding, then Lloyd's iterations
-        until no image changes cluster (at most `iterations`)."""
+        until no image changes cluster (at most `iterations`). More than `max_images` images: the
+        fit (centroids and shares) uses `max_images` of them drawn by `seed` (MNIST's 60 000 and
+        CIFAR-10's 50 000 are fitted whole)."""
+        generator = torch.Generator().manual_seed(seed)
+        if len(images) > max_images:
+            images = images[torch.randperm(len(images), generator=generator)[:max_images]]
         x = images.flatten(1).to(torch.float64).cpu()
         if k < 2:
             raise ConfigError(f"model.clusters={k}: self-conditioning needs at least 2 clusters (0 turns it off).")
@@ -48,7 +56,6 @@ class Clusters:
                 "Lower model.clusters (or, for shards, raise data.mean_samples: the clusters are fitted on "
                 "the first data.mean_samples images)."
             )
-        generator = torch.Generator().manual_seed(seed)
         centroids = _kmeans_pp(x, k, generator)
         assignment = None
         for _ in range(iterations):

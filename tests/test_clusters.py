@@ -39,6 +39,18 @@ def test_kmeans_recovers_unequal_blobs_with_their_shares():
     assert torch.equal(again.centroids, clusters.centroids)
 
 
+def test_a_large_set_is_fitted_on_a_seeded_subset():
+    x, y = _blobs()
+    clusters = Clusters.fit(x, 3, seed=0, max_images=400)
+    assert torch.equal(_relabel(clusters.assign(x), y), y)  # the subset still finds the blobs
+    subset = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:400]
+    expected = torch.bincount(y[subset], minlength=3).double() / 400  # the shares are the subset's
+    assert sorted(clusters.shares.tolist()) == pytest.approx(sorted(expected.tolist()))
+    assert sorted(clusters.shares.tolist()) != pytest.approx([0.2, 0.3, 0.5])  # not the whole set's
+    again = Clusters.fit(x, 3, seed=0, max_images=400)  # the same subset on every rank
+    assert torch.equal(again.centroids, clusters.centroids)
+
+
 def test_assign_with_a_hole_uses_only_the_observed_pixels():
     clusters = Clusters(torch.tensor([[1.0, 1.0, -1.0, -1.0], [-1.0, -1.0, 1.0, 1.0]]), torch.tensor([0.5, 0.5]))
     # the first half says cluster 0; the second half (missing) looks like cluster 1 and outweighs it
@@ -184,3 +196,22 @@ def _spy_sample_labels(model, monkeypatch):
 
     monkeypatch.setattr(type(model.algorithm), "sample", spy)
     return seen
+
+
+def test_resume_on_other_images_keeps_the_checkpoints_clusters(tmp_path, tiny_overrides, caplog):
+    """Resumed on other images, the refit finds other clusters: the batches are labelled with the
+    checkpoint's, as the model was trained, and the run says so."""
+    overrides = {**tiny_overrides, "model.clusters": 3, "generator.latent_bank_size": 64, "data.num_images": 300}
+    first = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "train.iterations": 3})
+    train(first, tmp_path / "run", progress=False)
+    trained = load_run(tmp_path / "run").clusters
+    other = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "data.num_images": 900})
+    refit = training_data(other, 0, 1, torch.device("cpu"))[0].clusters
+    assert not torch.allclose(refit.centroids, trained.centroids, atol=1e-5)  # other images, other clusters
+    with caplog.at_level("WARNING"):
+        summary = train(other, tmp_path / "run", resume=True, progress=False)
+    assert summary["status"] == "completed"
+    assert "differ from the checkpoint's" in caplog.text
+    resumed = load_run(tmp_path / "run")
+    assert resumed.iteration == 6 and torch.equal(resumed.clusters.centroids, trained.centroids)
+    assert torch.equal(resumed.clusters.shares, trained.shares)
