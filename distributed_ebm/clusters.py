@@ -53,8 +53,8 @@ class Clusters:
         if len(x) < k:
             raise ConfigError(
                 f"model.clusters={k} needs at least {k} images to fit on; the data gives {len(x)}. "
-                "Lower model.clusters (or, for shards, raise data.mean_samples: the clusters are fitted on "
-                "the first data.mean_samples images)."
+                "Lower model.clusters (or, for shards, raise data.cluster_samples: the clusters are fitted on "
+                "the first data.cluster_samples images)."
             )
         centroids = _kmeans_pp(x, k, generator)
         assignment = None

@@ -47,6 +47,7 @@ class DataConfig:
     num_classes: int | None = None  # classes of labelled shards (None: from manifest.json)
     manifest: str | None = None  # manifest.json path/URL/pipe: (None: next to local or http shards)
     mean_samples: int = 256  # first samples read before training (data mean, image size, checks)
+    cluster_samples: int = 10_000  # with model.clusters: first samples read to fit the k-means clusters on
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ RANGES: dict[str, Range] = {  # every numeric key (a test walks RunConfig and fi
     "data.crops": AT_LEAST_1, "data.num_points": AT_LEAST_1, "data.mixture_std": POSITIVE,
     "data.loader_workers": AT_LEAST_0, "data.prefetch": AT_LEAST_1, "data.shuffle_buffer": AT_LEAST_1,
     "data.epoch_batches": Range(1, nullable=True), "data.num_classes": Range(1, nullable=True),
-    "data.mean_samples": AT_LEAST_1,
+    "data.mean_samples": AT_LEAST_1, "data.cluster_samples": AT_LEAST_1,
     "model.channels": AT_LEAST_1, "model.filter_layers": AT_LEAST_1, "model.jko_weight": AT_LEAST_0,
     "model.grid_sizes": AT_LEAST_1, "model.seed": AT_LEAST_0, "model.energy_l2": AT_LEAST_0,
     "model.clusters": AT_LEAST_0,

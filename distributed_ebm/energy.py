@@ -279,23 +279,31 @@ CONDITIONAL_ENERGIES = ("conv",)
 SPECTRAL_ENERGIES = ("conv", "mlp")  # energies whose w model.spectral_norm normalises
 
 
-def build_energy(
-    config: ModelConfig, sample_shape: tuple[int, ...], energy: str, num_classes: int = 0, seed_offset: int = 0
-) -> Energy:
-    """Build the energy named `energy` for samples of `sample_shape`, seeded by config.seed.
-
-    `num_classes` > 0 builds the class-conditional variant (model.conditional).
-    """
+def check_energy(config: ModelConfig, energy: str, conditional: bool) -> None:
+    """Refuse an energy that cannot be built as configured: an unknown name, labels or clusters
+    (`conditional`) for an energy without a conditional variant, spectral normalisation of an
+    energy without trained filters. Cheap: the training loop calls it before reading any data."""
     if energy not in ENERGIES:
         raise ConfigError(f"Unknown model.energy '{energy}'. Choose one of {sorted(ENERGIES)}.")
-    if num_classes and energy not in CONDITIONAL_ENERGIES:
+    if conditional and energy not in CONDITIONAL_ENERGIES:
         key = "model.clusters" if config.clusters else "model.conditional"
-        raise ConfigError(f"{key} needs a conditional energy ({CONDITIONAL_ENERGIES}), not '{energy}'.")
+        raise ConfigError(f"{key} needs a conditional energy ({CONDITIONAL_ENERGIES}), not '{energy}'. "
+                          f"Set model.energy to one of them, or {key} off.")
     if config.spectral_norm and energy not in SPECTRAL_ENERGIES:
         raise ConfigError(
             f"model.spectral_norm applies to the trained filters w of {SPECTRAL_ENERGIES}; the '{energy}' "
             "energy has none (FRAME's filter bank is fixed). Set model.spectral_norm=false."
         )
+
+
+def build_energy(
+    config: ModelConfig, sample_shape: tuple[int, ...], energy: str, num_classes: int = 0, seed_offset: int = 0
+) -> Energy:
+    """Build the energy named `energy` for samples of `sample_shape`, seeded by config.seed.
+
+    `num_classes` > 0 builds the class-conditional variant (model.conditional, model.clusters).
+    """
+    check_energy(config, energy, conditional=num_classes > 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + seed_offset)
         net = ENERGIES[energy](config, tuple(sample_shape), *((num_classes,) if num_classes else ()))

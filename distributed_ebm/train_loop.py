@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .algorithms import check_model
 from .checkpoint import CheckpointStore, LocalCheckpointStore, checkpoint_name
 from .config import RunConfig
 from .data import training_data
@@ -79,6 +80,7 @@ def train(
     store = store or LocalCheckpointStore(run.checkpoints, config.train.keep_checkpoints)
     callbacks = [on_iteration] if callable(on_iteration) else list(on_iteration or ())
 
+    check_model(config)  # before the data are read (or clusters fitted on them)
     # This rank's share of the data (or of the shards); the data mean is the whole data set's.
     data, data_mean = training_data(config, ctx.rank, ctx.world_size, ctx.device)
     state = RunState.build(config, ctx, data, data_mean)

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .algorithms import check_model
 from .checkpoint import read_checkpoint
 from .config import ConfigError, RunConfig
 from .train_loop import train
@@ -317,6 +318,7 @@ def train_distributed(
 def _check_before_workers(config: RunConfig, workers: int) -> RunConfig:
     """Fail before any worker starts on unreachable shards or tracking server; make the shard
     URLs and the tracking URI absolute (workers change directory)."""
+    check_model(config)
     if config.data.source == "webdataset":
         from .data.preflight import inspect_shards
         from .data.urls import absolute_urls

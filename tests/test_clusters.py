@@ -215,3 +215,29 @@ def test_resume_on_other_images_keeps_the_checkpoints_clusters(tmp_path, tiny_ov
     resumed = load_run(tmp_path / "run")
     assert resumed.iteration == 6 and torch.equal(resumed.clusters.centroids, trained.centroids)
     assert torch.equal(resumed.clusters.shares, trained.shares)
+
+
+def test_a_stream_fits_its_clusters_on_the_first_cluster_samples_images(tmp_path):
+    from tests.test_shards import decode_index, write_coded_shards
+
+    urls = write_coded_shards(tmp_path / "shards", [40] * 6)  # 240 images; more than the 4 shards a preflight reads
+    overrides = {"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000005}}.tar",
+                 "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 180,
+                 "model.clusters": 3}
+    config = load_config(CONFIGS / "digits_ggcn.yaml", overrides)
+    data, mean = training_data(config, 0, 1, torch.device("cpu"))
+    pixels = ((data.data.reference + 1) * 127.5).round()  # back to the stored 0…255
+    assert len(urls) == 6 and decode_index(pixels) == list(range(180))  # read past the 4th shard
+    expected = Clusters.fit(data.data.reference, 3, seed=config.model.seed)
+    assert torch.equal(data.clusters.centroids, expected.centroids)
+    assert torch.equal(mean, data.data.reference.mean(0, keepdim=True))
+    off = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "model.clusters": 0})
+    assert len(training_data(off, 0, 1, torch.device("cpu"))[0].reference) == 16  # no clusters: mean_samples only
+
+
+def test_clusters_on_an_energy_without_labels_fail_before_the_data_are_read(tmp_path, tiny_overrides):
+    config = load_config(CONFIGS / "digits_ggcn.yaml", {
+        **tiny_overrides, "model.clusters": 3, "model.energy": "mlp",
+        "data.source": "npz", "data.path": str(tmp_path / "missing.npz")})  # reading it would fail first
+    with pytest.raises(ConfigError, match=r"model.clusters needs a conditional energy .*'mlp'.*model.clusters off"):
+        train(config, tmp_path / "run", progress=False)

@@ -13,7 +13,8 @@ worker's share of the global batch and the global-batch metrics come from distri
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig
+from ..energy import check_energy
 from .common import (
     EnergyLoss,
     GradientSync,
@@ -29,7 +30,7 @@ from .ggcn import GGCNAlgorithm
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "EBMAlgorithm", "EnergyLoss", "GGCNAlgorithm", "GradientSync", "MultiGridAlgorithm",
-    "StepOutput", "TrainState", "energy_loss", "energy_step", "get_algorithm", "jko_gamma", "langevin_settings",
+    "StepOutput", "TrainState", "check_model", "energy_loss", "energy_step", "get_algorithm", "jko_gamma", "langevin_settings",
     "multigrid_chains", "resample",
 ]
 
@@ -59,3 +60,11 @@ def get_algorithm(name: str) -> Algorithm:
     if name not in ALGORITHMS:
         raise ConfigError(f"Unknown model.algorithm '{name}'. Choose one of {sorted(ALGORITHMS)}.")
     return ALGORITHMS[name]
+
+
+def check_model(config: RunConfig) -> None:
+    """Refuse, before any data are read or a worker starts, a model that cannot be built: an
+    unknown algorithm or energy, or labels / clusters for an energy without a conditional variant."""
+    algorithm = get_algorithm(config.model.algorithm)
+    check_energy(config.model, config.model.energy or algorithm.default_energy,
+                 conditional=bool(config.model.clusters or config.model.conditional))

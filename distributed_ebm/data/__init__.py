@@ -21,12 +21,15 @@ def training_data(config, rank: int, world_size: int, device: torch.device):
     In-memory sources give the rank's disjoint share (`ImageData.shard`); `webdataset` gives a
     `StreamingData` that reads the rank's shards. Both answer `batch(n, generator)`. With
     model.clusters the batches carry k-means clusters instead of labels (`ClusteredData`), fitted
-    on the whole in-memory data set, or on a stream's first data.mean_samples images: the same
-    images on every rank, so every rank finds the same clusters.
+    on the whole in-memory data set (a seeded subset past clusters.FIT_MAX_IMAGES), or on a
+    stream's first data.cluster_samples images: the same images on every rank, so every rank finds
+    the same clusters.
     """
     if config.data.source == "webdataset":
+        fit_samples = config.data.cluster_samples if config.model.clusters else None
         data = StreamingData(config.data, batch_size=config.train.data_batch_size, rank=rank,
-                             world_size=world_size, seed=config.train.seed, device=device)
+                             world_size=world_size, seed=config.train.seed, device=device,
+                             reference_samples=fit_samples)
         fit_on, mean = data.reference, data.mean
     else:
         full = load_dataset(config.data)

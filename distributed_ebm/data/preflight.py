@@ -32,7 +32,7 @@ class ShardInfo:
     channels: int
     has_labels: bool
     num_classes: int
-    first: torch.Tensor  # float (K, C, H, W) in [-1, 1]: the first samples in stored order
+    first: torch.Tensor  # float (K, C, H, W) in [-1, 1]: the first samples in stored order (mean, clusters)
     manifest: dict | None
 
 
@@ -70,8 +70,11 @@ def shard_sizes(shards: list[str], manifest: dict | None) -> dict[str, int] | No
     return sizes if all(shard_name(u) in sizes for u in shards) else None
 
 
-def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None = None) -> ShardInfo:
-    """Check the URLs before training starts and learn image size, channels and labels.
+def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None = None,
+                   samples: int | None = None) -> ShardInfo:
+    """Check the URLs before training starts and learn image size, channels and labels from the
+    first `samples` images (default data.mean_samples, read from at most the first 4 shards; more
+    are read from as many shards as they take).
 
     Raises ConfigError, naming the cause and the fix, for: no URLs, fewer shards than readers in
     epoch mode, missing local files, an unreachable or empty first shard, and samples that hold
@@ -106,10 +109,11 @@ def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None =
         errors.append(exn)
         return True
 
-    wanted = max(1, config.mean_samples)
+    wanted = max(1, config.mean_samples, samples or 0)
+    scanned = shards if wanted > config.mean_samples else shards[: max(1, min(len(shards), 4))]
     decoded, labels, raw_seen = [], [], 0
     decoder = None
-    for sample in tar_samples(iter(shards[: max(1, min(len(shards), 4))]), keep):
+    for sample in tar_samples(iter(scanned), keep):
         raw_seen += 1
         if decoder is None:
             decoder = _first_decoder(sample, config)

@@ -228,10 +228,10 @@ class StreamingData:
     """
 
     def __init__(self, config: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, info: ShardInfo | None = None):
+                 device: torch.device, info: ShardInfo | None = None, reference_samples: int | None = None):
         self.config, self.batch_size, self.device = config, batch_size, device
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.info = info or inspect_shards(config, world_size, batch_size)
+        self.info = info or inspect_shards(config, world_size, batch_size, samples=reference_samples)
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.start: dict[int, tuple[int, int, int]] = {}
         self.next_worker = 0  # the loader worker whose batch comes next (DataLoader goes round-robin)
