@@ -23,18 +23,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality import Scorer  # noqa: E402
-from distributed_ebm.checkpoint import checkpoint_order, list_checkpoints  # noqa: E402
+from distributed_ebm.checkpoint import final_trajectory  # noqa: E402
 from distributed_ebm.inference import load_run  # noqa: E402
 
 
 def checkpoint_at(run_dir: Path, iteration: int) -> Path:
-    """The run's checkpoint of `iteration` (after a rollback, the newest one of that iteration)."""
-    every = list_checkpoints(run_dir / "checkpoints")
-    found = [p for p in every if checkpoint_order(p)[1] == iteration]
-    if not found:
-        have = sorted({checkpoint_order(p)[1] for p in every})
-        raise SystemExit(f"'{run_dir}' has no checkpoint of iteration {iteration}; it has {have}.")
-    return found[-1]
+    """The run's checkpoint of `iteration` on the trajectory it ended on (not one a recovery abandoned)."""
+    found = final_trajectory(run_dir / "checkpoints")
+    if iteration not in found:
+        raise SystemExit(f"'{run_dir}' has no checkpoint of iteration {iteration} on its final trajectory; "
+                         f"it has {sorted(found)}.")
+    return found[iteration]
 
 
 def mixed(run_dir: Path, checkpoint: Path, mix: str):

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers.replay_ebm import PeerCNN, PeerSettings, ReplayBufferEBM, train_for  # noqa: E402
-from distributed_ebm.checkpoint import list_checkpoints  # noqa: E402
+from distributed_ebm.checkpoint import final_trajectory  # noqa: E402
 from distributed_ebm.config import DataConfig, load_config  # noqa: E402
 from distributed_ebm.data import load_dataset  # noqa: E402
 from distributed_ebm.evaluation import EvalSettings, feature_network, score_generation  # noqa: E402
@@ -115,8 +115,8 @@ def run_preset(preset: str, args, scorer: Scorer, out: Path) -> dict:
     lost = sum(json.loads(line)["seconds"] for line in undone.read_text().splitlines()) if undone.is_file() else 0.0
     elapsed = np.cumsum([r["seconds"] for r in rows])
     elapsed = elapsed + lost * (np.arange(1, len(rows) + 1) / len(rows))  # spread: the time line is approximate
-    # the checkpoint of each iteration on the final trajectory (a recovery's iter-N-rK wins over iter-N)
-    checkpoints = {int(p.name.split("-")[1]): p for p in list_checkpoints(run_dir / "checkpoints")}
+    # the checkpoint of each iteration on the final trajectory (not those a recovery abandoned)
+    checkpoints = final_trajectory(run_dir / "checkpoints")
     curve = []
     for i, mark in enumerate(curve_marks(args.budget_s, args.curve_points)):
         final = i == args.curve_points - 1

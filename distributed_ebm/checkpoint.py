@@ -103,6 +103,26 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_order)
 
 
+def final_trajectory(root: str | Path) -> dict[int, Path]:
+    """The checkpoints of the trajectory the run ended on, by iteration. A recovery rolls the run
+    back to iteration b and writes iter-b-rK at once, so a checkpoint written before it at an
+    iteration past b belongs to a trajectory the run abandoned (and one at b or earlier is
+    still on the final one, unless a newer checkpoint of the same iteration replaces it)."""
+    found: dict[int, Path] = {}
+    limit = float("inf")  # checkpoints of older recoveries past this iteration were abandoned
+    by_recoveries: dict[int, list[Path]] = {}
+    for path in list_checkpoints(root):
+        by_recoveries.setdefault(checkpoint_order(path)[0], []).append(path)
+    for recoveries in sorted(by_recoveries, reverse=True):
+        paths = by_recoveries[recoveries]
+        for path in paths:
+            iteration = checkpoint_order(path)[1]
+            if iteration <= limit and iteration not in found:
+                found[iteration] = path
+        limit = min(limit, min(checkpoint_order(path)[1] for path in paths))
+    return dict(sorted(found.items()))
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from distributed_ebm.checkpoint import (
     SHARED_FILE,
+    final_trajectory,
     list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
@@ -203,6 +204,22 @@ def test_checkpoints_written_after_a_recovery_are_newer_whatever_their_iteration
         "iter-00000002", "iter-00000006", "iter-00000004-r1", "iter-00000008-r1", "iter-00000003-r2"]
     prune_checkpoints(tmp_path, 2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iter-00000008-r1", "iter-00000003-r2"]
+
+
+@pytest.mark.parametrize("names, final", [
+    # a benchmark run: rolled back from 884 to 870, then from 876 to 870 again, and stopped at 875
+    (["iter-00000860", "iter-00000870", "iter-00000880", "iter-00000870-r1", "iter-00000870-r2"],
+     {860: "iter-00000860", 870: "iter-00000870-r2"}),
+    (["iter-00000002", "iter-00000006", "iter-00000004-r1", "iter-00000008-r1", "iter-00000003-r2"],
+     {2: "iter-00000002", 3: "iter-00000003-r2"}),
+    (["iter-00000002", "iter-00000004", "iter-00000004-r1", "iter-00000006-r1"],
+     {2: "iter-00000002", 4: "iter-00000004-r1", 6: "iter-00000006-r1"}),
+])
+def test_the_final_trajectory_leaves_out_checkpoints_a_recovery_abandoned(tmp_path, names, final):
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / SHARED_FILE).write_bytes(b"")
+    assert {it: p.name for it, p in final_trajectory(tmp_path).items()} == final
 
 
 def _rank_worker(rank, world, init_file, run_dir, out_dir):
