@@ -82,5 +82,5 @@ def test_ema_pairs_scores_live_and_averaged_networks_on_the_same_checkpoints(tmp
         assert rows[it, "energy"]["fid"] != rows[it, "live"]["fid"]  # same seed, other weights
     with pytest.raises(SystemExit, match=r"no EMA of \['generator'\]"):
         main([str(run_dir), "--checkpoints", "4", "--mixes", "generator", *common])
-    with pytest.raises(SystemExit, match=r"no checkpoint of iteration 3; it has \[2, 4\]"):
+    with pytest.raises(SystemExit, match=r"no checkpoint of iteration 3 on its final trajectory; it has \[2, 4\]"):
         main([str(run_dir), "--checkpoints", "3", *common])
