@@ -2,6 +2,7 @@
 logs what it scored (feature network, sample count, fresh, bank or a file of samples)."""
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -149,6 +150,11 @@ def test_classifier_cache_is_keyed_by_data_and_settings(digits, network, cache_d
     assert key == network.info["hash"]
     assert key != classifier_key(DataConfig(), epochs=EPOCHS + 1, seed=0, lr=3e-3)
     assert key != classifier_key(DataConfig(num_images=100), epochs=EPOCHS, seed=0, lr=3e-3)
+    # a data key added later, at its default, keeps the name of a cached classifier
+    later = dataclasses.make_dataclass("Later", [("added_key", int, dataclasses.field(default=3))],
+                                       bases=(DataConfig,), frozen=True)
+    assert classifier_key(later(), epochs=EPOCHS, seed=0, lr=3e-3) == key
+    assert classifier_key(later(added_key=4), epochs=EPOCHS, seed=0, lr=3e-3) != key
 
 
 def test_evaluate_run_dir_reports_fresh_and_bank_samples_and_logs_to_the_run(

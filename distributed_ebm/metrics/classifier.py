@@ -85,8 +85,11 @@ CLASSIFIER_VERSION = 1
 
 
 def classifier_key(data_config: DataConfig, *, epochs: int, seed: int, lr: float) -> str:
-    """A hash of (data config, classifier settings): the cache name of a trained classifier."""
-    data = dataclasses.asdict(data_config)
+    """A hash of (data config, classifier settings): the cache name of a trained classifier. Data
+    keys at their defaults are left out, so a key added to DataConfig later does not rename (and
+    retrain) the classifiers already cached."""
+    defaults = dataclasses.asdict(type(data_config)())
+    data = {k: v for k, v in dataclasses.asdict(data_config).items() if v != defaults[k]}
     if data.get("path"):
         data["path"] = str(Path(data["path"]).expanduser().resolve())
     settings = {"arch": "SmallClassifier", "version": CLASSIFIER_VERSION, "epochs": epochs,
