@@ -74,13 +74,13 @@ def train(
     Raises TrainingDiverged (after writing the summary) when a score, the loss or a chain became
     NaN/Inf and no recovery was left.
     """
+    check_model(config)  # before any file is written or data are read (or clusters fitted on them)
     ctx = current_context(config.train.device)
     run = RunDirectory(run_dir)
     outputs = RunOutputs.for_rank(ctx, config, run, progress=progress)
     store = store or LocalCheckpointStore(run.checkpoints, config.train.keep_checkpoints)
     callbacks = [on_iteration] if callable(on_iteration) else list(on_iteration or ())
 
-    check_model(config)  # before the data are read (or clusters fitted on them)
     # This rank's share of the data (or of the shards); the data mean is the whole data set's.
     data, data_mean = training_data(config, ctx.rank, ctx.world_size, ctx.device)
     state = RunState.build(config, ctx, data, data_mean)

@@ -218,21 +218,26 @@ def test_resume_on_other_images_keeps_the_checkpoints_clusters(tmp_path, tiny_ov
 
 
 def test_a_stream_fits_its_clusters_on_the_first_cluster_samples_images(tmp_path):
+    from distributed_ebm.data.preflight import inspect_shards
     from tests.test_shards import decode_index, write_coded_shards
 
-    urls = write_coded_shards(tmp_path / "shards", [40] * 6)  # 240 images; more than the 4 shards a preflight reads
+    write_coded_shards(tmp_path / "shards", [40] * 6)  # 240 images; more than the 4 shards a preflight reads
     overrides = {"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000005}}.tar",
                  "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 180,
                  "model.clusters": 3}
     config = load_config(CONFIGS / "digits_ggcn.yaml", overrides)
+    first = inspect_shards(config.data, 1, samples=180).first
+    assert decode_index(((first + 1) * 127.5).round()) == list(range(180))  # read past the 4th shard
     data, mean = training_data(config, 0, 1, torch.device("cpu"))
-    pixels = ((data.data.reference + 1) * 127.5).round()  # back to the stored 0…255
-    assert len(urls) == 6 and decode_index(pixels) == list(range(180))  # read past the 4th shard
-    expected = Clusters.fit(data.data.reference, 3, seed=config.model.seed)
-    assert torch.equal(data.clusters.centroids, expected.centroids)
-    assert torch.equal(mean, data.data.reference.mean(0, keepdim=True))
+    assert torch.equal(data.clusters.centroids, Clusters.fit(first, 3, seed=config.model.seed).centroids)
+    # the mean and the reference stay the first mean_samples images; the rest is not kept
+    assert torch.equal(mean, first[:16].mean(0, keepdim=True)) and torch.equal(data.data.reference, first[:16])
     off = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "model.clusters": 0})
-    assert len(training_data(off, 0, 1, torch.device("cpu"))[0].reference) == 16  # no clusters: mean_samples only
+    plain, plain_mean = training_data(off, 0, 1, torch.device("cpu"))
+    assert torch.equal(plain_mean, mean)  # clusters on or off: the chains start from the same mean
+    fewer = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "data.mean_samples": 200})
+    fitted = training_data(fewer, 0, 1, torch.device("cpu"))[0].clusters  # fitted on 180 of the 200 read
+    assert torch.equal(fitted.centroids, data.clusters.centroids)
 
 
 def test_clusters_on_an_energy_without_labels_fail_before_the_data_are_read(tmp_path, tiny_overrides):
@@ -241,3 +246,17 @@ def test_clusters_on_an_energy_without_labels_fail_before_the_data_are_read(tmp_
         "data.source": "npz", "data.path": str(tmp_path / "missing.npz")})  # reading it would fail first
     with pytest.raises(ConfigError, match=r"model.clusters needs a conditional energy .*'mlp'.*model.clusters off"):
         train(config, tmp_path / "run", progress=False)
+
+
+def test_a_stream_cluster_read_stops_at_an_unreadable_shard(tmp_path):
+    from tests.test_shards import write_coded_shards
+
+    write_coded_shards(tmp_path / "shards", [40] * 3)
+    (tmp_path / "shards" / "shard-000001.tar").write_bytes(b"not a tar")  # the second shard
+    overrides = {"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000002}}.tar",
+                 "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 100,
+                 "model.clusters": 3}
+    with pytest.raises(ConfigError, match=r"first 100 images \(data.cluster_samples.*shard-000001.*lower data.cluster_samples"):
+        training_data(load_config(CONFIGS / "digits_ggcn.yaml", overrides), 0, 1, torch.device("cpu"))
+    few = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "data.cluster_samples": 40})
+    assert len(training_data(few, 0, 1, torch.device("cpu"))[0].clusters) == 3  # ends before the bad shard

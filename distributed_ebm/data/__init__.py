@@ -30,7 +30,7 @@ def training_data(config, rank: int, world_size: int, device: torch.device):
         data = StreamingData(config.data, batch_size=config.train.data_batch_size, rank=rank,
                              world_size=world_size, seed=config.train.seed, device=device,
                              reference_samples=fit_samples)
-        fit_on, mean = data.reference, data.mean
+        fit_on, mean = (data.take_fit_images() if fit_samples else None), data.mean
     else:
         full = load_dataset(config.data)
         data, fit_on, mean = full.shard(rank, world_size), full.x, full.x.mean(0, keepdim=True)

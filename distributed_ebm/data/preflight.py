@@ -73,8 +73,9 @@ def shard_sizes(shards: list[str], manifest: dict | None) -> dict[str, int] | No
 def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None = None,
                    samples: int | None = None) -> ShardInfo:
     """Check the URLs before training starts and learn image size, channels and labels from the
-    first `samples` images (default data.mean_samples, read from at most the first 4 shards; more
-    are read from as many shards as they take).
+    first data.mean_samples images (read from at most the first 4 shards). With `samples`
+    (data.cluster_samples) it reads that many from as many shards as they take, and an unreadable
+    shard on the way is an error, not a skip: every rank must fit its clusters on the same images.
 
     Raises ConfigError, naming the cause and the fix, for: no URLs, fewer shards than readers in
     epoch mode, missing local files, an unreachable or empty first shard, and samples that hold
@@ -107,10 +108,15 @@ def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None =
 
     def keep(exn: Exception) -> bool:
         errors.append(exn)
+        if samples:  # every rank must fit its clusters on the same images: stop at the first bad shard
+            raise ConfigError(
+                f"Reading the first {samples} images (data.cluster_samples, for model.clusters) failed: {exn}. "
+                "Every rank fits the clusters on the same images, so none may be skipped: fix or remove that "
+                "shard, or lower data.cluster_samples so the read ends before it.")
         return True
 
     wanted = max(1, config.mean_samples, samples or 0)
-    scanned = shards if wanted > config.mean_samples else shards[: max(1, min(len(shards), 4))]
+    scanned = shards if samples else shards[: max(1, min(len(shards), 4))]  # `samples`: as many as it takes
     decoded, labels, raw_seen = [], [], 0
     decoder = None
     for sample in tar_samples(iter(scanned), keep):

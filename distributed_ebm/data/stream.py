@@ -33,7 +33,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
 
@@ -232,6 +232,11 @@ class StreamingData:
         self.config, self.batch_size, self.device = config, batch_size, device
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.info = info or inspect_shards(config, world_size, batch_size, samples=reference_samples)
+        # model.clusters: the first `reference_samples` images to fit on, held until `take_fit_images`;
+        # the data mean and the reference stay the first data.mean_samples images either way
+        self._fit_images = self.info.first[:reference_samples] if reference_samples else None
+        if len(self.info.first) > config.mean_samples:
+            self.info = replace(self.info, first=self.info.first[: config.mean_samples].clone())
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.start: dict[int, tuple[int, int, int]] = {}
         self.next_worker = 0  # the loader worker whose batch comes next (DataLoader goes round-robin)
@@ -247,6 +252,14 @@ class StreamingData:
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
+
+    def take_fit_images(self) -> torch.Tensor:
+        """The images read for fitting the clusters (`reference_samples` of them), handed over once
+        so that the stream does not hold them for the whole run."""
+        images, self._fit_images = self._fit_images, None
+        if images is None:
+            raise RuntimeError("No fit images: StreamingData was built without reference_samples, or they were taken.")
+        return images
 
     @property
     def mean(self) -> torch.Tensor:

@@ -80,7 +80,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
-# Bump when SmallClassifier or train_classifier change: old cache files then stop matching.
+# Bump when SmallClassifier or train_classifier change, or a DataConfig default: old cache files then
+# stop matching (the key leaves out data keys at their defaults).
 CLASSIFIER_VERSION = 1
 
 
