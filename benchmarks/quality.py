@@ -116,13 +116,14 @@ def run_preset(preset: str, args, scorer: Scorer, out: Path) -> dict:
     elapsed = np.cumsum([r["seconds"] for r in rows])
     elapsed = elapsed + lost * (np.arange(1, len(rows) + 1) / len(rows))  # spread: the time line is approximate
     # the checkpoint of each iteration on the final trajectory (not those a recovery abandoned)
-    checkpoints = final_trajectory(run_dir / "checkpoints")
+    # (iteration 0, a rollback to the initial state, is not a trained model)
+    checkpoints = {it: path for it, path in final_trajectory(run_dir / "checkpoints").items() if it > 0}
     curve = []
     for i, mark in enumerate(curve_marks(args.budget_s, args.curve_points)):
         final = i == args.curve_points - 1
         iteration = max((it for it in checkpoints if it <= len(rows) and elapsed[it - 1] <= mark + 1e-9), default=None)
         if final:
-            iteration = max(checkpoints)
+            iteration = max(checkpoints, default=None)
         if iteration is None:
             continue
         model = load_run(run_dir, checkpoint=checkpoints[iteration], device=args.device)
