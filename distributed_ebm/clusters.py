@@ -24,7 +24,7 @@ import torch
 from .config import ConfigError
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # the stratified draw's step: every run of ids covers the shares evenly
-FIT_MAX_IMAGES = 60_000  # larger sets are fitted on a seeded subset: memory N·D float64 per rank stays bounded
+FIT_MAX_IMAGES = 60_000  # larger sets are fitted on a seeded subset (a cap on images, not bytes: 60 000 × D float64)
 
 
 @dataclass
