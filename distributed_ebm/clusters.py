@@ -9,9 +9,11 @@ a mode to start from, as the self-conditioned GAN does with clusters of its disc
 features (Liu et al. 2020, "Diverse image generation via self-conditioned GANs").
 
 The fit is deterministic (k-means++ seeded by model.seed, then Lloyd's iterations in float64, on
-at most FIT_MAX_IMAGES images drawn by the same seed), so every rank finds the same clusters from
-the same images; the centroids and shares are saved with
-the model (TrainState.meta["clusters"]) and sampling, inpainting and serving read them there.
+at most FIT_MAX_IMAGES images and FIT_MAX_VALUES pixel values, drawn by the same seed), so every
+rank finds the same clusters from the same images; the centroids and shares are saved with the
+model (TrainState.meta["clusters"]) and sampling, inpainting and serving read them there. The fit
+holds one float64 copy of its images (at most 8 · FIT_MAX_VALUES bytes = 1.6 GB) and no
+temporary of that size: distances are taken CHUNK images at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import torch
 from .config import ConfigError
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # the stratified draw's step: every run of ids covers the shares evenly
-FIT_MAX_IMAGES = 60_000  # larger sets are fitted on a seeded subset (a cap on images, not bytes: 60 000 × D float64)
+FIT_MAX_IMAGES = 60_000  # larger sets are fitted on a seeded subset of this many images …
+FIT_MAX_VALUES = 200_000_000  # … and of at most this many pixel values (MNIST: 47 M, CIFAR-10: 154 M, whole;
+                              # 64×64 RGB: 16 276 images, 1.6 GB in float64)
+CHUNK = 4096  # images per distance computation in the fit
 
 
 @dataclass
@@ -39,12 +44,14 @@ class Clusters:
 
     @classmethod
     def fit(cls, images: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 100,
-            max_images: int = FIT_MAX_IMAGES) -> Clusters:
+            max_images: int = FIT_MAX_IMAGES, max_values: int = FIT_MAX_VALUES) -> Clusters:
         """k-means of `images` (N, …) in pixel space: k-means++ seeding, then Lloyd's iterations
-        until no image changes cluster (at most `iterations`). More than `max_images` images: the
-        fit (centroids and shares) uses `max_images` of them drawn by `seed` (MNIST's 60 000 and
-        CIFAR-10's 50 000 are fitted whole)."""
+        until no image changes cluster (at most `iterations`). More than `max_images` images, or
+        more than `max_values` pixel values: the fit (centroids and shares) uses as many as fit,
+        drawn by `seed` (MNIST's 60 000 and CIFAR-10's 50 000 are fitted whole)."""
         generator = torch.Generator().manual_seed(seed)
+        per_image = images[0].numel() if len(images) else 1
+        max_images = min(max_images, max(k, max_values // per_image))
         if len(images) > max_images:
             images = images[torch.randperm(len(images), generator=generator)[:max_images]]
         x = images.flatten(1).to(torch.float64).cpu()
@@ -54,7 +61,7 @@ class Clusters:
             raise ConfigError(
                 f"model.clusters={k} needs at least {k} images to fit on; the data gives {len(x)}. "
                 "Lower model.clusters (or, for shards, raise data.cluster_samples: the clusters are fitted on "
-                "the first data.cluster_samples images)."
+                "data.cluster_samples images spread over the shards)."
             )
         centroids = _kmeans_pp(x, k, generator)
         assignment = None
@@ -135,16 +142,21 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return distance.argmin(1)
 
 
+def _squared_distance(x: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """‖x_i − point‖² of every row of `x`, CHUNK rows at a time (no N × D temporary)."""
+    return torch.cat([((x[i:i + CHUNK] - point) ** 2).sum(1) for i in range(0, len(x), CHUNK)])
+
+
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centroid is an image drawn with
     probability proportional to its squared distance to the nearest centroid so far."""
     first = torch.randint(len(x), (1,), generator=generator)
     centroids = [x[first[0]]]
-    nearest = ((x - centroids[0]) ** 2).sum(1)
+    nearest = _squared_distance(x, centroids[0])
     for _ in range(1, k):
         if nearest.sum() <= 0:  # fewer distinct images than clusters
             raise ConfigError(f"model.clusters={k}: the data has fewer than {k} distinct images. Lower model.clusters.")
         index = torch.multinomial(nearest, 1, generator=generator)[0]
         centroids.append(x[index])
-        nearest = torch.minimum(nearest, ((x - x[index]) ** 2).sum(1))
+        nearest = torch.minimum(nearest, _squared_distance(x, x[index]))
     return torch.stack(centroids)

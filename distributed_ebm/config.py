@@ -47,7 +47,7 @@ class DataConfig:
     num_classes: int | None = None  # classes of labelled shards (None: from manifest.json)
     manifest: str | None = None  # manifest.json path/URL/pipe: (None: next to local or http shards)
     mean_samples: int = 256  # first samples read before training (data mean, image size, checks)
-    cluster_samples: int = 10_000  # with model.clusters: first samples read to fit the k-means clusters on
+    cluster_samples: int = 10_000  # with model.clusters: samples read (spread over every shard) to fit the k-means clusters on
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,23 @@ def test_a_large_set_is_fitted_on_a_seeded_subset():
     assert torch.equal(again.centroids, clusters.centroids)
 
 
+def test_a_cap_on_pixel_values_draws_the_same_subset_as_the_cap_on_images():
+    x, _ = _blobs()  # 16 values per image
+    by_values = Clusters.fit(x, 3, seed=0, max_values=16 * 400 + 15)
+    by_images = Clusters.fit(x, 3, seed=0, max_images=400)
+    assert torch.equal(by_values.centroids, by_images.centroids)
+    assert torch.equal(by_values.shares, by_images.shares)
+    assert not torch.equal(by_values.shares, Clusters.fit(x, 3, seed=0).shares)  # the cap did bite
+
+
+def test_chunked_distances_equal_the_whole_computation_bit_for_bit():
+    from distributed_ebm.clusters import CHUNK, _squared_distance
+
+    x = torch.randn(2 * CHUNK + 123, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    point = x[7]
+    assert torch.equal(_squared_distance(x, point), ((x - point) ** 2).sum(1))
+
+
 def test_assign_with_a_hole_uses_only_the_observed_pixels():
     clusters = Clusters(torch.tensor([[1.0, 1.0, -1.0, -1.0], [-1.0, -1.0, 1.0, 1.0]]), torch.tensor([0.5, 0.5]))
     # the first half says cluster 0; the second half (missing) looks like cluster 1 and outweighs it
@@ -217,27 +234,44 @@ def test_resume_on_other_images_keeps_the_checkpoints_clusters(tmp_path, tiny_ov
     assert torch.equal(resumed.clusters.shares, trained.shares)
 
 
-def test_a_stream_fits_its_clusters_on_the_first_cluster_samples_images(tmp_path):
+def test_a_stream_fits_its_clusters_on_images_spread_over_every_shard(tmp_path):
+    """Shards written in class order (one class per shard) still give every class to the fit."""
     from distributed_ebm.data.preflight import inspect_shards
     from tests.test_shards import decode_index, write_coded_shards
 
     write_coded_shards(tmp_path / "shards", [40] * 6)  # 240 images; more than the 4 shards a preflight reads
     overrides = {"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000005}}.tar",
-                 "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 180,
+                 "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 60,
                  "model.clusters": 3}
     config = load_config(CONFIGS / "digits_ggcn.yaml", overrides)
-    first = inspect_shards(config.data, 1, samples=180).first
-    assert decode_index(((first + 1) * 127.5).round()) == list(range(180))  # read past the 4th shard
+    info = inspect_shards(config.data, 1, samples=60)
+    assert decode_index(((info.fit + 1) * 127.5).round()) == [40 * s + i for s in range(6) for i in range(10)]
+    assert decode_index(((info.first + 1) * 127.5).round()) == list(range(16))  # the mean: the first images
     data, mean = training_data(config, 0, 1, torch.device("cpu"))
-    assert torch.equal(data.clusters.centroids, Clusters.fit(first, 3, seed=config.model.seed).centroids)
-    # the mean and the reference stay the first mean_samples images; the rest is not kept
-    assert torch.equal(mean, first[:16].mean(0, keepdim=True)) and torch.equal(data.data.reference, first[:16])
+    assert torch.equal(data.clusters.centroids, Clusters.fit(info.fit, 3, seed=config.model.seed).centroids)
+    # the mean and the reference stay the first mean_samples images; the fit images are not kept
+    assert torch.equal(mean, info.first[:16].mean(0, keepdim=True)) and torch.equal(data.data.reference, info.first[:16])
+    assert data.data.info.fit is None
     off = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "model.clusters": 0})
     plain, plain_mean = training_data(off, 0, 1, torch.device("cpu"))
     assert torch.equal(plain_mean, mean)  # clusters on or off: the chains start from the same mean
-    fewer = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "data.mean_samples": 200})
-    fitted = training_data(fewer, 0, 1, torch.device("cpu"))[0].clusters  # fitted on 180 of the 200 read
-    assert torch.equal(fitted.centroids, data.clusters.centroids)
+
+
+def test_a_short_shard_passes_its_shortfall_on_and_a_corrupt_sample_is_skipped(tmp_path, caplog):
+    from distributed_ebm.data.preflight import inspect_shards
+    from tests.test_shards import decode_index, write_coded_shards
+
+    write_coded_shards(tmp_path / "shards", [40, 10, 40, 40], corrupt={52})
+    config = load_config(CONFIGS / "digits_ggcn.yaml", {
+        "data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000003}}.tar",
+        "data.loader_workers": 1, "data.mean_samples": 16})
+    fit = inspect_shards(config.data, 1, samples=90).fit
+    # shares ⌈90/4⌉ = 23, ⌈67/3⌉ = 23 (only 10 there), ⌈57/2⌉ = 29 (one corrupt: 28), ⌈29/1⌉ = 29
+    expected = [*range(23), *range(40, 50), *range(50, 52), *range(53, 79), *range(90, 119)]
+    assert decode_index(((fit + 1) * 127.5).round()) == expected and len(fit) == 90
+    with caplog.at_level("WARNING"):
+        few = inspect_shards(config.data, 1, samples=200).fit  # 130 readable images in all
+    assert len(few) == 129 and "fitted on 129 images" in caplog.text
 
 
 def test_clusters_on_an_energy_without_labels_fail_before_the_data_are_read(tmp_path, tiny_overrides):
@@ -254,9 +288,10 @@ def test_a_stream_cluster_read_stops_at_an_unreadable_shard(tmp_path):
     write_coded_shards(tmp_path / "shards", [40] * 3)
     (tmp_path / "shards" / "shard-000001.tar").write_bytes(b"not a tar")  # the second shard
     overrides = {"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000002}}.tar",
-                 "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 100,
+                 "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 30,
                  "model.clusters": 3}
-    with pytest.raises(ConfigError, match=r"first 100 images \(data.cluster_samples.*shard-000001.*lower data.cluster_samples"):
+    with pytest.raises(ConfigError, match=r"30 images spread over the 3 shards \(data.cluster_samples.*shard-000001.*remove that shard"):
         training_data(load_config(CONFIGS / "digits_ggcn.yaml", overrides), 0, 1, torch.device("cpu"))
-    few = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "data.cluster_samples": 40})
-    assert len(training_data(few, 0, 1, torch.device("cpu"))[0].clusters) == 3  # ends before the bad shard
+    without = load_config(CONFIGS / "digits_ggcn.yaml", {
+        **overrides, "data.urls": f"{tmp_path}/shards/shard-{{000000,000002}}.tar"})
+    assert len(training_data(without, 0, 1, torch.device("cpu"))[0].clusters) == 3  # the fix in the message works

@@ -21,9 +21,9 @@ def training_data(config, rank: int, world_size: int, device: torch.device):
     In-memory sources give the rank's disjoint share (`ImageData.shard`); `webdataset` gives a
     `StreamingData` that reads the rank's shards. Both answer `batch(n, generator)`. With
     model.clusters the batches carry k-means clusters instead of labels (`ClusteredData`), fitted
-    on the whole in-memory data set (a seeded subset past clusters.FIT_MAX_IMAGES), or on a
-    stream's first data.cluster_samples images: the same images on every rank, so every rank finds
-    the same clusters.
+    on the whole in-memory data set (a seeded subset past clusters.FIT_MAX_IMAGES or
+    FIT_MAX_VALUES), or on a stream's data.cluster_samples images spread over every shard: the
+    same images on every rank, so every rank finds the same clusters.
     """
     if config.data.source == "webdataset":
         fit_samples = config.data.cluster_samples if config.model.clusters else None

@@ -9,6 +9,7 @@ ConfigError that names the cause and the fix, before any worker starts.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ class ShardInfo:
     channels: int
     has_labels: bool
     num_classes: int
-    first: torch.Tensor  # float (K, C, H, W) in [-1, 1]: the first samples in stored order (mean, clusters)
+    first: torch.Tensor  # float (K, C, H, W) in [-1, 1]: the first samples in stored order (the mean)
     manifest: dict | None
+    fit: torch.Tensor | None = None  # with `samples` (model.clusters): images spread over every shard
 
 
 def read_manifest(shards: list[str], where: str | None = None) -> dict | None:
@@ -74,8 +76,10 @@ def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None =
                    samples: int | None = None) -> ShardInfo:
     """Check the URLs before training starts and learn image size, channels and labels from the
     first data.mean_samples images (read from at most the first 4 shards). With `samples`
-    (data.cluster_samples) it reads that many from as many shards as they take, and an unreadable
-    shard on the way is an error, not a skip: every rank must fit its clusters on the same images.
+    (data.cluster_samples) it also reads that many images spread over every shard (`fit`: about
+    samples / shards from the start of each, so shards written in class order still give every
+    class), and an unreadable shard is an error, not a skip: every rank must fit its clusters on
+    the same images.
 
     Raises ConfigError, naming the cause and the fix, for: no URLs, fewer shards than readers in
     epoch mode, missing local files, an unreachable or empty first shard, and samples that hold
@@ -108,15 +112,10 @@ def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None =
 
     def keep(exn: Exception) -> bool:
         errors.append(exn)
-        if samples:  # every rank must fit its clusters on the same images: stop at the first bad shard
-            raise ConfigError(
-                f"Reading the first {samples} images (data.cluster_samples, for model.clusters) failed: {exn}. "
-                "Every rank fits the clusters on the same images, so none may be skipped: fix or remove that "
-                "shard, or lower data.cluster_samples so the read ends before it.")
         return True
 
-    wanted = max(1, config.mean_samples, samples or 0)
-    scanned = shards if samples else shards[: max(1, min(len(shards), 4))]  # `samples`: as many as it takes
+    wanted = max(1, config.mean_samples)
+    scanned = shards[: max(1, min(len(shards), 4))]
     decoded, labels, raw_seen = [], [], 0
     decoder = None
     for sample in tar_samples(iter(scanned), keep):
@@ -150,8 +149,38 @@ def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None =
         log.warning("No manifest.json next to the shards and no data.num_classes: assuming %d classes "
                     "from the first samples. Set data.num_classes to be sure.", num_classes)
     first = torch.from_numpy(np.stack(decoded)).float() / 127.5 - 1.0
+    fit = _spread_read(shards, samples, decoder) if samples else None
     return ShardInfo(shards, decoder.image_size, first.shape[1], has_labels, num_classes if has_labels else 0,
-                     first, manifest)
+                     first, manifest, fit)
+
+
+def _spread_read(shards: list[str], samples: int, decoder: ImageDecoder) -> torch.Tensor:
+    """`samples` images from the start of every shard in turn, each shard giving its share of what
+    is still wanted (a short shard's shortfall passes to the next), as float (N, C, H, W) in [-1, 1].
+    Corrupt samples are skipped; an unreadable shard stops the read (every rank reads the same)."""
+
+    def stop(exn: Exception) -> bool:
+        raise ConfigError(
+            f"Reading {samples} images spread over the {len(shards)} shards (data.cluster_samples, for "
+            f"model.clusters) failed: {exn}. Every rank fits the clusters on the same images, so none "
+            "may be skipped: fix or remove that shard from data.urls.")
+
+    images = []
+    for index, url in enumerate(shards):
+        share = -(-(samples - len(images)) // (len(shards) - index))  # ceil of the rest over the shards left
+        if share <= 0:
+            break
+        reader = tar_samples(iter([url]), stop)
+        for sample in itertools.islice(reader, share):
+            try:
+                images.append(decoder(sample)[0])
+            except Exception as err:
+                log.warning("Cluster read: skipping corrupt sample %s (%s)", sample.get("__key__"), err)
+        reader.close()  # stop reading the rest of the shard
+    if len(images) < samples:
+        log.warning("Clusters are fitted on %d images: the %d shards hold fewer than data.cluster_samples=%d "
+                    "readable ones.", len(images), len(shards), samples)
+    return torch.from_numpy(np.stack(images)).float() / 127.5 - 1.0
 
 
 def _check_epochs(config: DataConfig, shards: list[str], manifest: dict | None, world_size: int,

@@ -232,11 +232,13 @@ class StreamingData:
         self.config, self.batch_size, self.device = config, batch_size, device
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.info = info or inspect_shards(config, world_size, batch_size, samples=reference_samples)
-        # model.clusters: the first `reference_samples` images to fit on, held until `take_fit_images`;
-        # the data mean and the reference stay the first data.mean_samples images either way
-        self._fit_images = self.info.first[:reference_samples] if reference_samples else None
-        if len(self.info.first) > config.mean_samples:
-            self.info = replace(self.info, first=self.info.first[: config.mean_samples].clone())
+        # model.clusters: `reference_samples` images spread over the shards, held until `take_fit_images`;
+        # the data mean and the reference are the first data.mean_samples images either way
+        if reference_samples and self.info.fit is None:
+            raise ValueError("reference_samples needs a ShardInfo read with samples=reference_samples.")
+        self._fit_images = self.info.fit if reference_samples else None
+        if len(self.info.first) > config.mean_samples or self.info.fit is not None:
+            self.info = replace(self.info, first=self.info.first[: config.mean_samples].clone(), fit=None)
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.start: dict[int, tuple[int, int, int]] = {}
         self.next_worker = 0  # the loader worker whose batch comes next (DataLoader goes round-robin)
