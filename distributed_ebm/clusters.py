@@ -55,6 +55,7 @@ class Clusters:
         if len(images) > max_images:
             images = images[torch.randperm(len(images), generator=generator)[:max_images]]
         x = images.flatten(1).to(torch.float64).cpu()
+        del images  # the subset's float32 copy, if one was made (the caller keeps its own)
         if k < 2:
             raise ConfigError(f"model.clusters={k}: self-conditioning needs at least 2 clusters (0 turns it off).")
         if len(x) < k:

@@ -266,12 +266,28 @@ def test_a_short_shard_passes_its_shortfall_on_and_a_corrupt_sample_is_skipped(t
         "data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000003}}.tar",
         "data.loader_workers": 1, "data.mean_samples": 16})
     fit = inspect_shards(config.data, 1, samples=90).fit
-    # shares ⌈90/4⌉ = 23, ⌈67/3⌉ = 23 (only 10 there), ⌈57/2⌉ = 29 (one corrupt: 28), ⌈29/1⌉ = 29
-    expected = [*range(23), *range(40, 50), *range(50, 52), *range(53, 79), *range(90, 119)]
+    # shares ⌈90/4⌉ = 23, ⌈67/3⌉ = 23 (only 10 there), ⌈57/2⌉ = 29 (52 is corrupt: the shard gives 80), ⌈28/1⌉ = 28
+    expected = [*range(23), *range(40, 50), *range(50, 52), *range(53, 80), *range(90, 118)]
     assert decode_index(((fit + 1) * 127.5).round()) == expected and len(fit) == 90
     with caplog.at_level("WARNING"):
-        few = inspect_shards(config.data, 1, samples=200).fit  # 130 readable images in all
+        few = inspect_shards(config.data, 1, samples=200).fit  # 130 samples, 129 readable
     assert len(few) == 129 and "fitted on 129 images" in caplog.text
+
+
+def test_fewer_cluster_samples_than_shards_take_evenly_spaced_shards_and_the_value_cap_holds(tmp_path, monkeypatch):
+    from distributed_ebm.data import preflight
+    from tests.test_shards import decode_index, write_coded_shards
+
+    write_coded_shards(tmp_path / "shards", [40] * 6)
+    config = load_config(CONFIGS / "digits_ggcn.yaml", {
+        "data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000005}}.tar",
+        "data.loader_workers": 1, "data.mean_samples": 16})
+    fit = preflight.inspect_shards(config.data, 1, samples=3).fit
+    assert decode_index(((fit + 1) * 127.5).round()) == [0, 80, 160]  # shards 0, 2, 4: not the first three
+    values = fit[0].numel()
+    monkeypatch.setattr(preflight, "FIT_MAX_VALUES", 12 * values + values // 2)  # room for 12 images
+    capped = preflight.inspect_shards(config.data, 1, samples=100).fit
+    assert decode_index(((capped + 1) * 127.5).round()) == [40 * s + i for s in range(6) for i in range(2)]
 
 
 def test_clusters_on_an_energy_without_labels_fail_before_the_data_are_read(tmp_path, tiny_overrides):
@@ -290,7 +306,7 @@ def test_a_stream_cluster_read_stops_at_an_unreadable_shard(tmp_path):
     overrides = {"data.source": "webdataset", "data.urls": f"{tmp_path}/shards/shard-{{000000..000002}}.tar",
                  "data.loader_workers": 1, "data.mean_samples": 16, "data.cluster_samples": 30,
                  "model.clusters": 3}
-    with pytest.raises(ConfigError, match=r"30 images spread over the 3 shards \(data.cluster_samples.*shard-000001.*remove that shard"):
+    with pytest.raises(ConfigError, match=r"30 images spread over 3 shards \(data.cluster_samples.*shard-000001.*remove that shard"):
         training_data(load_config(CONFIGS / "digits_ggcn.yaml", overrides), 0, 1, torch.device("cpu"))
     without = load_config(CONFIGS / "digits_ggcn.yaml", {
         **overrides, "data.urls": f"{tmp_path}/shards/shard-{{000000,000002}}.tar"})

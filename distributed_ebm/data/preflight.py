@@ -9,7 +9,6 @@ ConfigError that names the cause and the fix, before any worker starts.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..clusters import FIT_MAX_VALUES
 from ..config import ConfigError, DataConfig
 from .tar import IMAGE_KEYS, ImageDecoder, tar_samples
 from .urls import expand_urls, local_path, shard_name
@@ -149,37 +149,53 @@ def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None =
         log.warning("No manifest.json next to the shards and no data.num_classes: assuming %d classes "
                     "from the first samples. Set data.num_classes to be sure.", num_classes)
     first = torch.from_numpy(np.stack(decoded)).float() / 127.5 - 1.0
-    fit = _spread_read(shards, samples, decoder) if samples else None
+    fit = _spread_read(shards, samples, decoder, first[0].numel()) if samples else None
     return ShardInfo(shards, decoder.image_size, first.shape[1], has_labels, num_classes if has_labels else 0,
                      first, manifest, fit)
 
 
-def _spread_read(shards: list[str], samples: int, decoder: ImageDecoder) -> torch.Tensor:
-    """`samples` images from the start of every shard in turn, each shard giving its share of what
+def _spread_read(shards: list[str], samples: int, decoder: ImageDecoder, per_image: int) -> torch.Tensor:
+    """`samples` images from the start of the shards in turn, each shard giving its share of what
     is still wanted (a short shard's shortfall passes to the next), as float (N, C, H, W) in [-1, 1].
-    Corrupt samples are skipped; an unreadable shard stops the read (every rank reads the same)."""
+    With fewer samples than shards, one image from each of `samples` evenly spaced shards. At most
+    clusters.FIT_MAX_VALUES pixel values (`per_image` each): the fit would use no more. Corrupt
+    samples are skipped (the shard gives another); an unreadable shard stops the read (every rank
+    must read the same images)."""
+    wanted = min(samples, max(1, FIT_MAX_VALUES // per_image))
+    if wanted < samples:
+        log.info("Clusters: reading %d images, not data.cluster_samples=%d (the fit's cap of %d pixel values).",
+                 wanted, samples, FIT_MAX_VALUES)
+    if wanted < len(shards):
+        shards = [shards[i * len(shards) // wanted] for i in range(wanted)]
 
     def stop(exn: Exception) -> bool:
         raise ConfigError(
-            f"Reading {samples} images spread over the {len(shards)} shards (data.cluster_samples, for "
+            f"Reading {wanted} images spread over {len(shards)} shards (data.cluster_samples, for "
             f"model.clusters) failed: {exn}. Every rank fits the clusters on the same images, so none "
             "may be skipped: fix or remove that shard from data.urls.")
 
     images = []
     for index, url in enumerate(shards):
-        share = -(-(samples - len(images)) // (len(shards) - index))  # ceil of the rest over the shards left
+        share = -(-(wanted - len(images)) // (len(shards) - index))  # ceil of the rest over the shards left
         if share <= 0:
             break
-        reader = tar_samples(iter([url]), stop)
-        for sample in itertools.islice(reader, share):
+        reader, taken = tar_samples(iter([url]), stop), 0
+        for sample in reader:
             try:
                 images.append(decoder(sample)[0])
+                taken += 1
             except Exception as err:
                 log.warning("Cluster read: skipping corrupt sample %s (%s)", sample.get("__key__"), err)
+            if taken >= share:
+                break
         reader.close()  # stop reading the rest of the shard
-    if len(images) < samples:
-        log.warning("Clusters are fitted on %d images: the %d shards hold fewer than data.cluster_samples=%d "
-                    "readable ones.", len(images), len(shards), samples)
+    if not images:
+        raise ConfigError(
+            f"None of the samples read from {len(shards)} shards for model.clusters decodes as an image. "
+            "Check the shards (rewrite them with `debm shards`).")
+    if len(images) < wanted:
+        log.warning("Clusters are fitted on %d images: the %d shards hold fewer than %d readable ones "
+                    "(data.cluster_samples).", len(images), len(shards), wanted)
     return torch.from_numpy(np.stack(images)).float() / 127.5 - 1.0
 
 
