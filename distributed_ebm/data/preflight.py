@@ -148,7 +148,7 @@ def inspect_shards(config: DataConfig, world_size: int, batch_size: int | None =
         num_classes = max(labels) + 1
         log.warning("No manifest.json next to the shards and no data.num_classes: assuming %d classes "
                     "from the first samples. Set data.num_classes to be sure.", num_classes)
-    first = torch.from_numpy(np.stack(decoded)).float() / 127.5 - 1.0
+    first = _unit_range(decoded)
     fit = _spread_read(shards, samples, decoder, first[0].numel()) if samples else None
     return ShardInfo(shards, decoder.image_size, first.shape[1], has_labels, num_classes if has_labels else 0,
                      first, manifest, fit)
@@ -196,6 +196,11 @@ def _spread_read(shards: list[str], samples: int, decoder: ImageDecoder, per_ima
     if len(images) < wanted:
         log.warning("Clusters are fitted on %d images: the %d shards hold fewer than %d readable ones "
                     "(data.cluster_samples).", len(images), len(shards), wanted)
+    return _unit_range(images)
+
+
+def _unit_range(images: list[np.ndarray]) -> torch.Tensor:
+    """Decoded uint8 (C, H, W) images stacked as float (N, C, H, W) in [-1, 1]."""
     return torch.from_numpy(np.stack(images)).float() / 127.5 - 1.0
 
 

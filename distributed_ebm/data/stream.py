@@ -237,8 +237,8 @@ class StreamingData:
         if reference_samples and self.info.fit is None:
             raise ValueError("reference_samples needs a ShardInfo read with samples=reference_samples.")
         self._fit_images = self.info.fit if reference_samples else None
-        if len(self.info.first) > config.mean_samples or self.info.fit is not None:
-            self.info = replace(self.info, first=self.info.first[: config.mean_samples].clone(), fit=None)
+        if self.info.fit is not None:  # handed over by take_fit_images, not kept with the info
+            self.info = replace(self.info, fit=None)
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.start: dict[int, tuple[int, int, int]] = {}
         self.next_worker = 0  # the loader worker whose batch comes next (DataLoader goes round-robin)
