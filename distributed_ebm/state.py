@@ -69,7 +69,7 @@ class RunState:
             for bank in train.banks.values():
                 if bank.labels is not None:
                     bank.labels = clusters.label_ids(bank.ids)
-        return cls(config, algorithm, train, generators, CollapseDetector(config.collapse), data)
+        return cls(config, algorithm, train, generators, CollapseDetector(config.collapse, energy_l2=config.model.energy_l2), data)
 
     def knobs(self) -> dict[str, float]:
         """The δ (step_size) and λ (lr) in use: the config's, times `knob_scales`."""

@@ -6,13 +6,13 @@ from distributed_ebm.config import CollapseConfig
 from distributed_ebm.metrics import CollapseDetector
 
 
-def _row(r=0.1, gap=1.0, chain_sat=0.5, data_sat=0.5, nonfinite=0.0):
+def _row(r=0.1, gap=1.0, chain_sat=0.5, data_sat=0.5, nonfinite=0.0, phi_data=50.0, phi_chains=-50.0):
     return {"response_distance": r, "energy_gap_z": gap, "chain_saturation": chain_sat,
-            "data_saturation": data_sat, "nonfinite": nonfinite}
+            "data_saturation": data_sat, "nonfinite": nonfinite, "phi_data": phi_data, "phi_chains": phi_chains}
 
 
-def _run(rows, **config):
-    detector = CollapseDetector(CollapseConfig(warmup=5, patience=3, ema=0.5, **config))
+def _run(rows, energy_l2=0.0, **config):
+    detector = CollapseDetector(CollapseConfig(warmup=5, patience=3, ema=0.5, **config), energy_l2=energy_l2)
     return [detector.update(i + 1, row) for i, row in enumerate(rows)], detector
 
 
@@ -57,3 +57,32 @@ def test_healthy_only_while_no_condition_is_building():
     assert not detector.healthy and detector.first is None
     detector.update(2, _row())
     assert detector.healthy
+
+
+def test_energy_pinned_at_the_penalty_equilibrium():
+    """With α = 1e-4 the penalty allows a gap of at most 1/α = 10⁴ (Φ = ±1/(2α) = ±5000): a run
+    sitting there (the mnist_ggcn state at δ 0.2, gap 21-49 data-Φ stds against energy_gap_max 50)
+    is caught by energy_pinned within patience iterations; a healthy gap of 10² is not, and
+    without the penalty there is nothing to compare with."""
+    pinned = _row(gap=30.0, phi_data=5000.0, phi_chains=-4990.0)
+    healthy = [_row(phi_data=60.0 + i, phi_chains=-40.0) for i in range(10)]
+    out, det = _run(healthy + [pinned] * 10, energy_l2=1e-4)
+    assert det.first["reason"] == "energy_pinned" and 11 < det.first["iteration"] <= 14
+    assert out[9]["collapse_energy_pinned"] < 0.05 < 0.5 < out[det.first["iteration"] - 1]["collapse_energy_pinned"]
+    assert _run(healthy * 3, energy_l2=1e-4)[1].first is None
+    assert _run(healthy + [pinned] * 10)[1].first is None  # α = 0: energy_diverged (50 stds) alone, not reached
+    _, det = _run(healthy + [_row(gap=30.0, phi_data=2000.0, phi_chains=-2000.0)] * 10,
+                  energy_l2=1e-4, energy_pinned_max=0.3)  # 0.4 of 1/α against the share asked for
+    assert det.first["reason"] == "energy_pinned"
+    assert _run(healthy + [_row(gap=30.0, phi_data=2000.0, phi_chains=-2000.0)] * 10,
+                energy_l2=1e-4)[1].first is None  # against the default 0.5
+
+
+def test_a_detector_state_from_before_energy_pinned_loads():
+    """Checkpoints written before the energy_pinned condition have no streak or average for it."""
+    _, det = _run([_row()] * 8, energy_l2=1e-4)
+    old = det.state_dict()
+    del old["pinned_ema"], old["streaks"]["energy_pinned"]
+    clone = CollapseDetector(det.config, energy_l2=1e-4)
+    clone.load_state_dict(old)
+    assert clone.healthy and clone.update(9, _row())["collapse"] == 0.0

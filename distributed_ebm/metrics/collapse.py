@@ -7,6 +7,12 @@ iterations after `warmup`):
 - r_diverged:  the smoothed response distance R exceeds `r_ratio_max` × its best smoothed value;
 - energy_diverged: |mean Φ(data) − mean Φ(chains)| exceeds `energy_gap_max` standard deviations
                of Φ over the data batch (smoothed; the whole group's batch with several workers);
+- energy_pinned: with the energy penalty α = model.energy_l2 > 0, the smoothed |mean Φ(data) −
+               mean Φ(chains)| exceeds `energy_pinned_max` × 1/α. The penalty bounds that gap by
+               1/α (Φ(data) = 1/(2α), Φ(chains) = −1/(2α) is the loss's minimum when the chains
+               cannot follow), so a gap near it means the sampler has lost the data and the energy
+               only separates the two sets: samples stop improving while R and the gap in data-Φ
+               standard deviations can stay below their thresholds for hundreds of iterations;
 - saturated:   the chains' excess saturation, (s_chains − s_data) / (1 − s_data) with s the
                fraction of entries at the bounds of [-1, 1], exceeds `saturation_max`: the share
                of the data's unsaturated entries that the chains have pushed to the bounds.
@@ -55,12 +61,14 @@ def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor, *,
 class CollapseDetector:
     """Tracks the collapse conditions over iterations; its state is checkpointed."""
 
-    def __init__(self, config: CollapseConfig):
+    def __init__(self, config: CollapseConfig, *, energy_l2: float = 0.0):
         self.config = config
+        self.energy_l2 = energy_l2  # α of the energy penalty (model.energy_l2); 0: no energy_pinned check
         self.r_ema: float | None = None
         self.gap_ema: float | None = None
+        self.pinned_ema: float | None = None  # smoothed α·|mean Φ(data) − mean Φ(chains)|
         self.best_r = math.inf
-        self.streaks = {"r_diverged": 0, "energy_diverged": 0, "saturated": 0}
+        self.streaks = {"r_diverged": 0, "energy_diverged": 0, "energy_pinned": 0, "saturated": 0}
         self.seen = 0
         self.first: dict | None = None  # {"iteration", "reason"} of the first collapse
 
@@ -68,7 +76,7 @@ class CollapseDetector:
         """Add one iteration's metrics; return the collapse metrics for that iteration.
 
         Reads `response_distance`, `energy_gap_z`, `chain_saturation`, `data_saturation` and the
-        flag `nonfinite` from metrics.
+        flag `nonfinite` from metrics; with α > 0 also `phi_data` and `phi_chains`.
         """
         cfg = self.config
         self.seen += 1
@@ -81,11 +89,17 @@ class CollapseDetector:
             r, gap = metrics["response_distance"], metrics["energy_gap_z"]
             self.r_ema = r if self.r_ema is None else cfg.ema * self.r_ema + (1 - cfg.ema) * r
             self.gap_ema = gap if self.gap_ema is None else cfg.ema * self.gap_ema + (1 - cfg.ema) * gap
+            if self.energy_l2:
+                pinned = self.energy_l2 * abs(metrics["phi_data"] - metrics["phi_chains"])
+                self.pinned_ema = (pinned if self.pinned_ema is None
+                                   else cfg.ema * self.pinned_ema + (1 - cfg.ema) * pinned)
             if self.seen > cfg.warmup:
                 self.best_r = min(self.best_r, self.r_ema)
             conditions = {
                 "r_diverged": self.seen > cfg.warmup and self.r_ema > cfg.r_ratio_max * self.best_r,
                 "energy_diverged": self.seen > cfg.warmup and self.gap_ema > cfg.energy_gap_max,
+                "energy_pinned": self.seen > cfg.warmup and self.pinned_ema is not None
+                and self.pinned_ema > cfg.energy_pinned_max,
                 "saturated": excess_saturation(metrics["chain_saturation"], metrics["data_saturation"])
                 > cfg.saturation_max,
             }
@@ -101,6 +115,7 @@ class CollapseDetector:
             "collapse_reason": reason,
             "collapse_r_ratio": r_ratio,
             "collapse_energy_gap": self.gap_ema if self.gap_ema is not None else 0.0,
+            "collapse_energy_pinned": self.pinned_ema if self.pinned_ema is not None else 0.0,
         }
 
     @property
@@ -112,6 +127,7 @@ class CollapseDetector:
         return {
             "r_ema": self.r_ema,
             "gap_ema": self.gap_ema,
+            "pinned_ema": self.pinned_ema,
             "best_r": self.best_r,
             "streaks": dict(self.streaks),
             "seen": self.seen,
@@ -120,4 +136,6 @@ class CollapseDetector:
 
     def load_state_dict(self, state: dict) -> None:
         self.r_ema, self.gap_ema, self.best_r = state["r_ema"], state["gap_ema"], state["best_r"]
-        self.streaks, self.seen, self.first = dict(state["streaks"]), state["seen"], state["first"]
+        self.pinned_ema = state.get("pinned_ema")  # absent in checkpoints written before energy_pinned
+        self.streaks = {**dict.fromkeys(self.streaks, 0), **state["streaks"]}
+        self.seen, self.first = state["seen"], state["first"]

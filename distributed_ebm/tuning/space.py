@@ -23,7 +23,7 @@ SMOOTHED_R = "response_distance_smoothed"  # mean R over the last SMOOTHING iter
 SMOOTHING = 10  # iterations averaged into SMOOTHED_R, as summary.json's final_response_distance
 # Metrics every algorithm reports each iteration, any of which a space may optimise.
 METRICS = (SMOOTHED_R, FRESH_FID, "response_distance", "energy_gap_z", "collapse_r_ratio",
-           "collapse_energy_gap", "chain_saturation", "phi_data", "phi_chains", "energy_data",
+           "collapse_energy_gap", "collapse_energy_pinned", "chain_saturation", "phi_data", "phi_chains", "energy_data",
            "energy_chains", "grad_norm_theta")
 TIME_ATTRS = ("iteration", "images_seen")  # the clocks a scheduler may count in
 
