@@ -163,7 +163,8 @@ class CollapseConfig:
     ema: float = 0.9  # smoothing of R and of the energy gap before they are compared
     r_ratio_max: float = 5.0  # collapse when smoothed R exceeds this multiple of its best value
     energy_gap_max: float = 50.0  # collapse when |Φ(data) − Φ(chains)| exceeds this many data-Φ stds
-    energy_pinned_max: float = 0.5  # collapse when |Φ(data) − Φ(chains)| exceeds this share of 1/α (model.energy_l2 = α > 0)
+    energy_pinned_max: float = 0.8  # collapse when |Φ(data) − Φ(chains)| exceeds this share of 1/α (model.energy_l2 = α > 0)
+    energy_pinned_patience: int = 25  # ... for this many consecutive iterations (early transients reach 0.6 for a few)
     saturation_max: float = 0.5  # collapse when chains push this share of data's unsaturated pixels to the bounds
     patience: int = 5  # consecutive iterations a condition must hold
     stop_on_collapse: bool = False  # stop training at collapse (NaN/Inf always stops)
@@ -279,7 +280,8 @@ RANGES: dict[str, Range] = {  # every numeric key (a test walks RunConfig and fi
     "train.ema_decay": Range(0, 1, high_open=True, nullable=True),
     "train.time_budget_s": Range(0, low_open=True, nullable=True),
     "collapse.warmup": AT_LEAST_0, "collapse.ema": DECAY, "collapse.r_ratio_max": Range(1, low_open=True),
-    "collapse.energy_gap_max": POSITIVE, "collapse.energy_pinned_max": Range(0, 1, low_open=True), "collapse.saturation_max": Range(0, 1, low_open=True),
+    "collapse.energy_gap_max": POSITIVE, "collapse.energy_pinned_max": POSITIVE,
+    "collapse.energy_pinned_patience": AT_LEAST_1, "collapse.saturation_max": Range(0, 1, low_open=True),
     "collapse.patience": AT_LEAST_1, "collapse.max_recoveries": AT_LEAST_0,
     "collapse.recovery_factor": Range(0, 1, low_open=True, high_open=True),
     "tracking.flush_every": AT_LEAST_1,

@@ -105,7 +105,8 @@ class CollapseDetector:
             }
             for name, holds in conditions.items():
                 self.streaks[name] = self.streaks[name] + 1 if holds else 0
-                if not reason and self.streaks[name] >= cfg.patience:
+                patience = cfg.energy_pinned_patience if name == "energy_pinned" else cfg.patience
+                if not reason and self.streaks[name] >= patience:
                     reason = name
         if reason and self.first is None:
             self.first = {"iteration": iteration, "reason": reason}
