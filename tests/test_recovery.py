@@ -293,3 +293,29 @@ def test_no_healthy_state_to_return_to_stops_collapsed_and_says_so(tmp_path, tin
     summary = _summary(run)
     assert (summary["status"], summary["stopped_by"], summary["iterations"]) == ("collapsed", "collapse", 2)
     assert summary["recoveries"] == [] and "no healthy state to return to" in summary["message"]
+
+
+def test_energy_pinned_reads_the_penalty_of_the_run(tmp_path, tiny_overrides):
+    """The detector gets α = model.energy_l2 from the run: its `collapse_energy_pinned` is the
+    smoothed (collapse.ema 0.9) α·|mean Φ(data) − mean Φ(chains)| and a threshold under it rolls
+    the run back with reason energy_pinned, then stops it `collapsed`; without the penalty the
+    same thresholds never fire."""
+    alpha = 0.01
+    settings = {**tiny_overrides, "collapse.warmup": 0, "collapse.energy_pinned_max": 1e-9,
+                "collapse.energy_pinned_patience": 1, "collapse.max_recoveries": 1}
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    assert main(["train", "--run-dir", str(run), *_sets({**settings, "model.energy_l2": alpha})]) == 0
+    summary = _summary(run)
+    assert summary["status"] == "collapsed"
+    undone = [json.loads(line) for line in (run / "metrics_rolled_back.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["iteration"], r["checkpoint"]) for r in summary["recoveries"]] == [
+        ("energy_pinned", len(undone), "the initial state")]
+    assert undone[-1]["collapse_reason"] == "energy_pinned" and undone[-1]["collapse_energy_pinned"] > 0
+    smoothed = None
+    for row in undone:
+        raw = alpha * abs(row["phi_data"] - row["phi_chains"])
+        smoothed = raw if smoothed is None else 0.9 * smoothed + 0.1 * raw
+        assert row["collapse_energy_pinned"] == pytest.approx(smoothed)
+    assert main(["train", "--run-dir", str(plain), *_sets(settings)]) == 0
+    assert _summary(plain)["status"] == "completed"
+    assert all(r["collapse_energy_pinned"] == 0.0 for r in _metrics(plain))
