@@ -33,7 +33,8 @@ from distributed_ebm.train_loop import train
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
-NEW_COLUMNS = ("step_size", "lr", "recovery")  # metrics added since: δ and λ in use, recoveries so far
+NEW_COLUMNS = ("step_size", "lr", "recovery", "collapse_energy_pinned")  # metrics added since: δ and λ in use,
+# recoveries so far, the energy_pinned average (0 without the energy penalty)
 
 
 def _close(actual: torch.Tensor, expected: list[float]) -> None:
@@ -67,6 +68,7 @@ def test_an_old_checkpoint_resumes_one_more_iteration_as_before(tmp_path, name):
     assert row.keys() == EXPECTED[name]["resumed_row"].keys()
     assert (rows[-1]["step_size"], rows[-1]["lr"], rows[-1]["recovery"]) == (
         config.langevin.step_size, config.optim.lr, 0)  # no recoveries: the config's δ and λ
+    assert rows[-1]["collapse_energy_pinned"] == 0.0  # the fixtures have no energy penalty
     for key, value in EXPECTED[name]["resumed_row"].items():
         if isinstance(value, float):
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -1,7 +1,7 @@
 """A measurable definition of collapse, checked every iteration.
 
 A run has collapsed when one of these holds (the divergence checks for `patience` consecutive
-iterations after `warmup`):
+iterations after `warmup`, energy_pinned for `energy_pinned_patience`):
 
 - nonfinite:   a score, the loss or a chain is NaN or Inf (always stops the run);
 - r_diverged:  the smoothed response distance R exceeds `r_ratio_max` × its best smoothed value;
