@@ -87,12 +87,10 @@ class CollapseDetector:
             reason = "nonfinite"
         else:
             r, gap = metrics["response_distance"], metrics["energy_gap_z"]
-            self.r_ema = r if self.r_ema is None else cfg.ema * self.r_ema + (1 - cfg.ema) * r
-            self.gap_ema = gap if self.gap_ema is None else cfg.ema * self.gap_ema + (1 - cfg.ema) * gap
+            self.r_ema, self.gap_ema = self._smooth(self.r_ema, r), self._smooth(self.gap_ema, gap)
             if self.energy_l2:
                 pinned = self.energy_l2 * abs(metrics["phi_data"] - metrics["phi_chains"])
-                self.pinned_ema = (pinned if self.pinned_ema is None
-                                   else cfg.ema * self.pinned_ema + (1 - cfg.ema) * pinned)
+                self.pinned_ema = self._smooth(self.pinned_ema, pinned)
             if self.seen > cfg.warmup:
                 self.best_r = min(self.best_r, self.r_ema)
             conditions = {
@@ -118,6 +116,10 @@ class CollapseDetector:
             "collapse_energy_gap": self.gap_ema if self.gap_ema is not None else 0.0,
             "collapse_energy_pinned": self.pinned_ema if self.pinned_ema is not None else 0.0,
         }
+
+    def _smooth(self, average: float | None, value: float) -> float:
+        """The exponential average (collapse.ema) of a condition's value, started at its first value."""
+        return value if average is None else self.config.ema * average + (1 - self.config.ema) * value
 
     @property
     def healthy(self) -> bool:
