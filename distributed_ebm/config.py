@@ -67,6 +67,8 @@ class ModelConfig:
     clusters: int = 0  # K ≥ 2: self-conditioning, the conditional networks on K k-means clusters of the images (clusters.py); 0: off
     grid_sizes: tuple[int, ...] = (1, 4, 8)  # MGCN / wMGCN: image side of each grid, coarse to fine
     upsample: str = "nearest"  # MGCN: how chains move to the next grid, "nearest" or "bilinear"
+    first_grid: str = "data_mean"  # MGCN: the first grid's chains start at the "data_mean" (ALGORITHMS.md) or
+                                   # are drawn from a "gaussian" fitted to the data down-sampled to that grid
     seed: int = 0  # seed of the network initialisation and of the fixed filter bank
     energy_l2: float = 0.0  # α: adds α·(mean Φ(y)² + mean Φ(x)²) to the energy loss (Du & Mordatch 2019); 0: off
     spectral_norm: bool = False  # spectral normalisation of the ConvNet's conv and linear layers (w)
@@ -287,6 +289,7 @@ RANGES: dict[str, Range] = {  # every numeric key (a test walks RunConfig and fi
     "tracking.flush_every": AT_LEAST_1,
 }
 PERSISTENT_CHAINS = ("frame", "wframe", "gcn", "wgcn")  # algorithms that draw a batch from the chain bank
+FIRST_GRIDS = ("data_mean", "gaussian")  # model.first_grid: where MGCN's first-grid chains start
 
 
 def check_ranges(config: RunConfig) -> None:
@@ -301,6 +304,9 @@ def check_ranges(config: RunConfig) -> None:
     sizes = config.model.grid_sizes
     _check(len(sizes) > 0 and list(sizes) == sorted(set(sizes)), "model.grid_sizes", list(sizes),
            "must be increasing image sides, coarse to fine, ending at the image side")
+    _check(config.model.first_grid in FIRST_GRIDS, "model.first_grid", config.model.first_grid,
+           "must be 'data_mean' (the data mean down-sampled, ALGORITHMS.md) or 'gaussian' (draws from a Gaussian "
+           "fitted to the data down-sampled to the first grid)")
     _check(len(config.model.channels) > 0, "model.channels", list(config.model.channels), "must name ≥ 1 width")
     _check(config.train.ema_models is None or config.train.ema_decay is not None, "train.ema_models",
            config.train.ema_models, "needs train.ema_decay (the EMA it selects networks for)")

@@ -52,16 +52,19 @@ class RunState:
     knob_scales: dict[str, float] = field(default_factory=lambda: {"step_size": 1.0, "lr": 1.0})
 
     @classmethod
-    def build(cls, config: RunConfig, ctx: ProcessContext, data, data_mean: torch.Tensor) -> RunState:
+    def build(cls, config: RunConfig, ctx: ProcessContext, data, data_mean: torch.Tensor,
+              fit_images: torch.Tensor | None = None) -> RunState:
         """A fresh state: networks seeded by model.seed (the same on every rank), this rank's chain
-        shard (ids rank·bank_size …) and its random streams from (seed, rank)."""
+        shard (ids rank·bank_size …) and its random streams from (seed, rank); `fit_images` (the same
+        on every rank) for data statistics the algorithm fits (MGCN's model.first_grid)."""
         generators = {  # data batches are drawn on the CPU, chain noise on the training device
             "data": make_generator(config.train.seed, ctx.rank, "data", torch.device("cpu")),
             "chains": make_generator(config.train.seed, ctx.rank, "chains", ctx.device),
         }
         algorithm = get_algorithm(config.model.algorithm)
         train = algorithm.build(config, data.sample_shape, device=ctx.device, generator=generators["chains"],
-                                data_mean=data_mean, num_classes=data.num_classes, rank=ctx.rank)
+                                data_mean=data_mean, num_classes=data.num_classes, rank=ctx.rank,
+                                fit_images=fit_images)
         train.sync_gradients = all_reduce_gradients
         clusters = getattr(data, "clusters", None)
         if clusters is not None:  # model.clusters: saved with the model; chains carry clusters by their shares

@@ -81,9 +81,9 @@ def train(
     store = store or LocalCheckpointStore(run.checkpoints, config.train.keep_checkpoints)
     callbacks = [on_iteration] if callable(on_iteration) else list(on_iteration or ())
 
-    # This rank's share of the data (or of the shards); the data mean is the whole data set's.
-    data, data_mean = training_data(config, ctx.rank, ctx.world_size, ctx.device)
-    state = RunState.build(config, ctx, data, data_mean)
+    # This rank's share of the data (or of the shards); the data mean and fit images are the whole data set's.
+    data, data_mean, fit_images = training_data(config, ctx.rank, ctx.world_size, ctx.device)
+    state = RunState.build(config, ctx, data, data_mean, fit_images)
     response = ResponseDistance(
         data.sample_shape, seed=config.train.response_bank_seed, weights=config.model.filter_bank
     ).to(ctx.device)

@@ -247,14 +247,17 @@ def test_a_stream_fits_its_clusters_on_images_spread_over_every_shard(tmp_path):
     info = inspect_shards(config.data, 1, samples=60)
     assert decode_index(((info.fit + 1) * 127.5).round()) == [40 * s + i for s in range(6) for i in range(10)]
     assert decode_index(((info.first + 1) * 127.5).round()) == list(range(16))  # the mean: the first images
-    data, mean = training_data(config, 0, 1, torch.device("cpu"))
+    data, mean, fit_images = training_data(config, 0, 1, torch.device("cpu"))
     assert torch.equal(data.clusters.centroids, Clusters.fit(info.fit, 3, seed=config.model.seed).centroids)
     # the mean and the reference stay the first mean_samples images; the fit images are not kept
     assert torch.equal(mean, info.first[:16].mean(0, keepdim=True)) and torch.equal(data.data.reference, info.first[:16])
     assert data.data.info.fit is None
     off = load_config(CONFIGS / "digits_ggcn.yaml", {**overrides, "model.clusters": 0})
-    plain, plain_mean = training_data(off, 0, 1, torch.device("cpu"))
+    plain, plain_mean, plain_fit = training_data(off, 0, 1, torch.device("cpu"))
     assert torch.equal(plain_mean, mean)  # clusters on or off: the chains start from the same mean
+    # statistics beyond the mean (MGCN's model.first_grid) are fitted on the images spread over the
+    # shards when the clusters read them, else on the first mean_samples
+    assert torch.equal(fit_images, info.fit) and torch.equal(plain_fit, info.first[:16])
 
 
 def test_a_short_shard_passes_its_shortfall_on_and_a_corrupt_sample_is_skipped(tmp_path, caplog):

@@ -11,7 +11,8 @@ import torch
 
 from distributed_ebm import checkpoint as ckpt
 from distributed_ebm import langevin as langevin_module
-from distributed_ebm.algorithms import ALGORITHMS, energy_loss, multigrid_chains
+from distributed_ebm.algorithms import ALGORITHMS, energy_loss, multigrid_chains, resample
+from distributed_ebm.algorithms.ebm import draw_gaussian, fit_gaussian
 from distributed_ebm.cli import main
 from distributed_ebm.config import ConfigError, ModelConfig, RunConfig, load_config
 from distributed_ebm.energy import build_energy
@@ -52,14 +53,15 @@ def plain_langevin(score_fn, x0, *, step_sizes, ref_sigma, generator, clamp=None
     return x
 
 
-def build(algorithm: str, overrides: dict | None = None, *, num_classes: int = 0):
+def build(algorithm: str, overrides: dict | None = None, *, num_classes: int = 0, fit_images=None):
     """A tiny TrainState of `algorithm` for 8×8 grey images."""
     base = {"model.algorithm": algorithm, "model.channels": [4, 8], "chains.bank_size": 8, "chains.batch_size": 8,
             "langevin.langevin_steps": 3, "model.grid_sizes": [2, 4, 8], "generator.latent_dim": 4,
             "generator.base_width": 2, "generator.latent_bank_size": 8}
     config = RunConfig().replace({**base, **(overrides or {})})
     return ALGORITHMS[algorithm].build(config, SHAPE, device=CPU, generator=torch.Generator().manual_seed(0),
-                                       data_mean=torch.zeros(1, *SHAPE), num_classes=num_classes), config
+                                       data_mean=torch.zeros(1, *SHAPE), num_classes=num_classes,
+                                       fit_images=fit_images), config
 
 
 def data_batch(n: int = 8, seed: int = 5) -> torch.Tensor:
@@ -155,19 +157,92 @@ def test_fresh_samples_anneal_and_training_chains_do_not(monkeypatch, algorithm)
     assert [(k["anneal_to"], k["step_size"], k["steps"]) for k in calls] == [(0.01, 0.2, 4)] * grids
 
 
-def test_multigrid_fresh_samples_equal_annealed_chains_grid_by_grid():
-    state, config = build("wmgcn", {"langevin.sample_anneal_to": 0.05})
+@pytest.mark.parametrize("first_grid", ["data_mean", "gaussian"])
+def test_multigrid_fresh_samples_equal_annealed_chains_grid_by_grid(first_grid):
+    state, config = build("wmgcn", {"langevin.sample_anneal_to": 0.05, "model.first_grid": first_grid},
+                          fit_images=data_batch(64))
     grids = list(state.models["grids"])
     for net in grids:
         torch.nn.init.normal_(net.theta.weight, generator=torch.Generator().manual_seed(0), std=1.0)
     sampled = ALGORITHMS["wmgcn"].sample(state, 3, generator=torch.Generator().manual_seed(7), steps=4)
     gen = torch.Generator().manual_seed(7)
     by_hand = multigrid_chains(
-        grids, ALGORITHMS["wmgcn"].first_grid(state, 3), config.model.grid_sizes, upsample=config.model.upsample,
+        grids, ALGORITHMS["wmgcn"].first_grid(state, 3, gen), config.model.grid_sizes, upsample=config.model.upsample,
         sample=lambda net, x: langevin(net, x, steps=4, step_size=0.2, anneal_to=0.05, ref_sigma=1.0,
                                        clamp=(-1.0, 1.0), generator=gen),
     )[-1][1]
     assert torch.equal(sampled, by_hand)
+
+
+# --- model.first_grid ---------------------------------------------------------------------------
+
+
+def test_fit_gaussian_recovers_a_known_mean_and_covariance_and_draws_from_it():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.tensor([[0.5, 0.0, 0.0], [0.3, 0.2, 0.0], [-0.1, 0.4, 0.1]])
+    mean = torch.tensor([0.2, -0.3, 0.1])
+    images = (mean + torch.randn(40_000, 3, generator=gen) @ a.T).reshape(-1, 3, 1, 1)
+    fit = fit_gaussian(images)
+    assert torch.allclose(fit["mean"], mean, atol=0.01)
+    assert torch.allclose(fit["scale_tril"] @ fit["scale_tril"].T, a @ a.T, atol=0.01)
+    draws = draw_gaussian(fit, 40_000, (3, 1, 1), torch.Generator().manual_seed(1))
+    assert draws.shape == (40_000, 3, 1, 1)
+    flat = draws.reshape(-1, 3)
+    assert torch.allclose(flat.mean(0), mean, atol=0.01) and torch.allclose(torch.cov(flat.T), a @ a.T, atol=0.01)
+
+
+def test_fit_gaussian_is_proper_for_constant_pixels_and_fewer_images_than_pixels():
+    images = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    images[:, :, 0, 0] = -1.0  # a pixel that never changes (the border of every digit)
+    fit = fit_gaussian(images)  # 5 images, 16 pixels: the sample covariance is singular
+    assert torch.isfinite(fit["scale_tril"]).all() and (fit["scale_tril"].diagonal() > 0).all()
+    assert fit["scale_tril"][0, 0] < 0.05  # the constant pixel keeps (almost) no spread
+
+
+def test_gaussian_first_grid_draws_the_data_statistics_at_that_grid():
+    """Images with a bright left or right half: at the 2×2 grid the two columns are
+    anti-correlated; the first grid's chains start with the data's mean and covariance there,
+    while the data-mean start (ALGORITHMS.md) gives every chain the same value."""
+    side = torch.randint(2, (4000,), generator=torch.Generator().manual_seed(0))
+    images = -torch.ones(4000, *SHAPE)
+    images[side == 0, :, :, :4] = 1.0
+    images[side == 1, :, :, 4:] = 1.0
+    state, _ = build("mgcn", {"model.first_grid": "gaussian"}, fit_images=images)
+    starts = ALGORITHMS["mgcn"].first_grid(state, 20_000, torch.Generator().manual_seed(1)).reshape(-1, 4)
+    target = resample(images, 2, "nearest").reshape(-1, 4)
+    assert torch.allclose(starts.mean(0), target.mean(0), atol=0.03)
+    assert torch.allclose(torch.cov(starts.T), torch.cov(target.T), atol=0.03)
+    assert torch.cov(starts.T)[0, 1] < -0.9  # left and right columns: one is bright when the other is dark
+    plain, _ = build("mgcn", fit_images=images)
+    assert "first_grid" not in plain.meta and ALGORITHMS["mgcn"].first_grid(plain, 3).unique().numel() == 1
+
+
+def test_gaussian_first_grid_trains_resumes_bit_for_bit_and_samples_from_the_saved_fit(tmp_path, tiny_overrides):
+    overrides = {**tiny_overrides, "model.first_grid": "gaussian", "model.grid_sizes": [4, 8]}
+    base = ["train", "--config", str(CONFIGS / "digits_mgcn.yaml"),
+            *[f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*base, "--run-dir", str(full)]) == 0
+    assert main([*base, "--run-dir", str(part), "--set", "train.iterations=3"]) == 0
+    assert main([*base, "--run-dir", str(part), "--resume"]) == 0
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, part)]
+    assert rows[0] == rows[1]
+    model = load_run(full)
+    fit = model.state.meta["first_grid"]
+    digits = load_config(CONFIGS / "digits_mgcn.yaml").data
+    from distributed_ebm.data import load_dataset
+    expected = fit_gaussian(resample(load_dataset(digits).x, 4, "nearest"))  # the whole data set, at the 4×4 grid
+    assert all(torch.allclose(fit[k], expected[k], atol=1e-5) for k in fit)
+    gen = torch.Generator().manual_seed(3)
+    starts = draw_gaussian(fit, 6, (1, 4, 4), gen)
+    assert ALGORITHMS["mgcn"].first_grid(model.state, 6, torch.Generator().manual_seed(3)).equal(starts)
+    assert model.sample(6, steps=2).shape == (6, 1, 8, 8)
+
+
+def test_unknown_first_grid_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="'model.first_grid' must be 'data_mean'.*'gaussian'"):
+        RunConfig().replace({"model.first_grid": "noise"})
 
 
 # --- model.energy_l2 ----------------------------------------------------------------------------

@@ -99,6 +99,8 @@ class TrainState:
             model.load_state_dict(state["models"][key])
         for key, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][key])
+        if "first_grid" in state.get("meta", {}):  # MGCN's fitted Gaussian (model.first_grid): what sampling draws
+            self.meta["first_grid"] = state["meta"]["first_grid"]
         saved = state.get("ema") or {}
         for key, average in self.ema.items():
             average.load_state_dict(saved[key] if key in saved else self.models[key].state_dict())

@@ -42,8 +42,9 @@ class EBMAlgorithm:
 
     def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
               generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
-              rank: int = 0) -> TrainState:
-        """Networks (seeded by model.seed, identical on every rank), optimiser and chain bank shard."""
+              rank: int = 0, fit_images: torch.Tensor | None = None) -> TrainState:
+        """Networks (seeded by model.seed, identical on every rank), optimiser and chain bank shard
+        (`fit_images` is MGCN's: unused)."""
         classes = _num_classes(config, num_classes)
         energy = build_energy(config.model, sample_shape, config.model.energy or self.default_energy, classes)
         energy = energy.to(device)
@@ -94,6 +95,30 @@ def resample(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
 
 
+GAUSSIAN_FIT_IMAGES = 10_000  # model.first_grid="gaussian": fitted on at most the first this many images
+
+
+def fit_gaussian(images: torch.Tensor, *, shrinkage: float = 1e-3) -> dict[str, torch.Tensor]:
+    """A Gaussian fitted to `images` (N, ...), flattened: {"mean": (D,), "scale_tril": (D, D)}, its
+    mean and the Cholesky factor of its covariance. The covariance is shrunk towards its mean
+    variance by `shrinkage` (Ledoit-Wolf style), so that constant pixels or fewer images than
+    dimensions still give a proper Gaussian."""
+    z = images.reshape(len(images), -1).double()
+    cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1]) if len(z) > 1 else torch.zeros(z.shape[1], z.shape[1],
+                                                                                         dtype=z.dtype)
+    floor = max(float(cov.diagonal().mean()), 1e-4)
+    cov = (1 - shrinkage) * cov + shrinkage * floor * torch.eye(len(cov), dtype=z.dtype)
+    return {"mean": z.mean(0).float(), "scale_tril": torch.linalg.cholesky(cov).float()}
+
+
+def draw_gaussian(fit: dict[str, torch.Tensor], num: int, shape: tuple[int, ...], generator: torch.Generator
+                  ) -> torch.Tensor:
+    """`num` draws of `fit_gaussian`'s Gaussian, shaped (num, *shape), on the generator's device."""
+    mean, tril = (fit[k].to(generator.device) for k in ("mean", "scale_tril"))
+    noise = torch.randn((num, len(mean)), generator=generator, device=generator.device)
+    return (mean + noise @ tril.T).reshape(num, *shape)
+
+
 def multigrid_chains(
     energies: list[Energy],
     x_first: torch.Tensor,
@@ -104,8 +129,8 @@ def multigrid_chains(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Coarse-to-fine sampling: [(start, final) per grid].
 
-    The first grid starts from `x_first` (the data mean down-sampled to its size); grid s starts
-    from the final chains of grid s−1 up-sampled to its size.
+    The first grid starts from `x_first` (`MultiGridAlgorithm.first_grid`); grid s starts from the
+    final chains of grid s−1 up-sampled to its size.
     """
     chains, x = [], x_first
     for energy, size in zip(energies, sizes):
@@ -120,8 +145,10 @@ class MultiGridAlgorithm:
     """MGCN / wMGCN: one ConvNet energy per grid (model.grid_sizes), chains passed coarse to fine.
 
     The chains are not persistent: each iteration restarts them from the data mean down-sampled
-    to the first grid (ALGORITHMS.md §3), as in multi-grid sampling. Each grid's energy is trained on data
-    down-sampled to its size; the losses of all grids are summed (they share no parameters).
+    to the first grid (ALGORITHMS.md §3), as in multi-grid sampling, or with model.first_grid="gaussian"
+    from draws of a Gaussian fitted to the data down-sampled to the first grid (mean and covariance of
+    `fit_images`, the same images on every rank; saved with the model). Each grid's energy is trained on
+    data down-sampled to its size; the losses of all grids are summed (they share no parameters).
     """
 
     name: str
@@ -131,7 +158,7 @@ class MultiGridAlgorithm:
 
     def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
               generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
-              rank: int = 0) -> TrainState:
+              rank: int = 0, fit_images: torch.Tensor | None = None) -> TrainState:
         if len(sample_shape) != 3:
             raise ConfigError(f"Multi-grid models need images; got samples of shape {sample_shape}.")
         sizes = config.model.grid_sizes
@@ -145,19 +172,33 @@ class MultiGridAlgorithm:
             for i, s in enumerate(sizes)
         ).to(device)
         params = [p for p in energies.parameters() if p.requires_grad]
+        meta = {"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes}
+        if config.model.first_grid == "gaussian" and fit_images is not None:
+            # without fit_images (a model loaded for inference) the fit comes with the saved meta
+            meta["first_grid"] = fit_gaussian(resample(fit_images[:GAUSSIAN_FIT_IMAGES].float().cpu(), sizes[0],
+                                                       config.model.upsample))
         return TrainState(
             config=config,
             models={"grids": energies},
             optimizers={"energy": make_optimizer(params, config.optim)},
             banks={},
-            meta={"sample_shape": list(sample_shape), "data_mean": data_mean.cpu(), "num_classes": classes},
+            meta=meta,
         )
 
-    def first_grid(self, state: TrainState, batch_size: int) -> torch.Tensor:
-        """`batch_size` copies of the data mean down-sampled to the first grid."""
-        mean = to_device(state.meta["data_mean"], next(state.models["grids"].parameters()).device)
-        return resample(mean, state.config.model.grid_sizes[0], state.config.model.upsample).expand(
-            batch_size, -1, -1, -1).clone()
+    def first_grid(self, state: TrainState, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`batch_size` starts of the first grid's chains: copies of the data mean down-sampled to
+        it, or with model.first_grid="gaussian" draws of the Gaussian fitted there (from `generator`)."""
+        cfg = state.config.model
+        device = next(state.models["grids"].parameters()).device
+        if cfg.first_grid == "gaussian":
+            if "first_grid" not in state.meta or generator is None:
+                raise ValueError("model.first_grid='gaussian' draws the first grid from the Gaussian fitted at build "
+                                 "time (build(..., fit_images=...)) with a random generator; this state has "
+                                 f"{'no fit' if 'first_grid' not in state.meta else 'no generator'}.")
+            shape = (state.meta["sample_shape"][0], cfg.grid_sizes[0], cfg.grid_sizes[0])
+            return draw_gaussian(state.meta["first_grid"], batch_size, shape, generator).to(device)
+        mean = to_device(state.meta["data_mean"], device)
+        return resample(mean, cfg.grid_sizes[0], cfg.upsample).expand(batch_size, -1, -1, -1).clone()
 
     def train_step(self, state: TrainState, data: torch.Tensor, labels: torch.Tensor | None, *,
                    generator: torch.Generator, iteration: int = 0) -> StepOutput:
@@ -170,7 +211,7 @@ class MultiGridAlgorithm:
         def sample(energy: Energy, x0: torch.Tensor) -> torch.Tensor:
             return state.sampler(energy.score_fn(syn_labels), x0, generator=generator)
 
-        chains = multigrid_chains(energies, self.first_grid(state, cfg.chains.batch_size), cfg.model.grid_sizes,
+        chains = multigrid_chains(energies, self.first_grid(state, cfg.chains.batch_size, generator), cfg.model.grid_sizes,
                                   upsample=cfg.model.upsample, sample=sample)
         total, metrics = 0.0, {}
         shares = batch_shares([len(data), cfg.chains.batch_size], data.device)
@@ -192,9 +233,9 @@ class MultiGridAlgorithm:
 
     def sample(self, state: TrainState, num: int, *, generator: torch.Generator, steps: int | None = None,
                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Coarse-to-fine chains from the data mean, `steps` (default L) Langevin steps per grid."""
+        """Coarse-to-fine chains from `first_grid`, `steps` (default L) Langevin steps per grid."""
         chains = multigrid_chains(
-            list(state.models["grids"]), self.first_grid(state, num), state.config.model.grid_sizes,
+            list(state.models["grids"]), self.first_grid(state, num, generator), state.config.model.grid_sizes,
             upsample=state.config.model.upsample,
             sample=lambda energy, x0: state.fresh_sampler(energy.score_fn(labels), x0, generator=generator, steps=steps),
         )

@@ -47,7 +47,7 @@ class GGCNAlgorithm:
 
     def build(self, config: RunConfig, sample_shape: tuple[int, ...], *, device: torch.device,
               generator: torch.Generator, data_mean: torch.Tensor, num_classes: int = 0,
-              rank: int = 0) -> TrainState:
+              rank: int = 0, fit_images: torch.Tensor | None = None) -> TrainState:
         classes = _num_classes(config, num_classes)
         reinit_prob = self.latent_restarts(config)
         energy = build_energy(config.model, sample_shape, config.model.energy or "conv", classes).to(device)
