@@ -214,9 +214,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", checkpoint: str | Path
         data_mean=meta["data_mean"],
         num_classes=meta.get("num_classes", 0),
     )
-    state.load_model_state(shared)
-    if "clusters" in meta:  # model.clusters: what sampling draws from and inpainting assigns to
-        state.meta["clusters"] = meta["clusters"]
+    state.load_model_state(shared)  # with the fitted meta: model.clusters' k-means, MGCN's first-grid Gaussian
     state.load_bank_state(banks)
     weights = "ema" if ema and state.ema else "live"
     if weights == "ema":

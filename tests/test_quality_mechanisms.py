@@ -15,6 +15,7 @@ from distributed_ebm.algorithms import ALGORITHMS, energy_loss, multigrid_chains
 from distributed_ebm.algorithms.ebm import draw_gaussian, fit_gaussian
 from distributed_ebm.cli import main
 from distributed_ebm.config import ConfigError, ModelConfig, RunConfig, load_config
+from distributed_ebm.data import load_dataset
 from distributed_ebm.energy import build_energy
 from distributed_ebm.inference import load_run
 from distributed_ebm.langevin import langevin, score_grad, step_schedule
@@ -231,7 +232,6 @@ def test_gaussian_first_grid_trains_resumes_bit_for_bit_and_samples_from_the_sav
     model = load_run(full)
     fit = model.state.meta["first_grid"]
     digits = load_config(CONFIGS / "digits_mgcn.yaml").data
-    from distributed_ebm.data import load_dataset
     expected = fit_gaussian(resample(load_dataset(digits).x, 4, "nearest"))  # the whole data set, at the 4×4 grid
     assert all(torch.allclose(fit[k], expected[k], atol=1e-5) for k in fit)
     gen = torch.Generator().manual_seed(3)

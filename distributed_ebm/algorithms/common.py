@@ -35,6 +35,11 @@ def no_sync(params: list[torch.Tensor]) -> None:
     """Single-process gradient 'all-reduce': nothing to do."""
 
 
+# What a run fitted on its data and saved in `meta` (model.clusters' k-means, MGCN's first-grid Gaussian):
+# sampling, inpainting and serving read them there, so loading a model state brings them back.
+FITTED_META = ("clusters", "first_grid")
+
+
 @dataclass
 class TrainState:
     """Everything an algorithm updates: networks, optimisers and banks, by name."""
@@ -99,8 +104,8 @@ class TrainState:
             model.load_state_dict(state["models"][key])
         for key, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][key])
-        if "first_grid" in state.get("meta", {}):  # MGCN's fitted Gaussian (model.first_grid): what sampling draws
-            self.meta["first_grid"] = state["meta"]["first_grid"]
+        saved_meta = state.get("meta", {})
+        self.meta.update({k: saved_meta[k] for k in FITTED_META if k in saved_meta})
         saved = state.get("ema") or {}
         for key, average in self.ema.items():
             average.load_state_dict(saved[key] if key in saved else self.models[key].state_dict())
