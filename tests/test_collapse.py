@@ -87,3 +87,32 @@ def test_a_detector_state_from_before_energy_pinned_loads():
     clone = CollapseDetector(det.config, energy_l2=1e-4)
     clone.load_state_dict(old)
     assert clone.healthy and clone.update(9, _row())["collapse"] == 0.0
+
+
+def _grids(row, **grids):
+    """A multi-grid model's row: the finest grid's values under the plain names (`row`), each other
+    grid's under grid{size}_ (`grids`: size -> overrides of _row's keyword arguments)."""
+    names = {"gap": "energy_gap_z", "chain_sat": "chain_saturation", "data_sat": "data_saturation",
+             "phi_data": "phi_data", "phi_chains": "phi_chains"}
+    out = dict(row)
+    for size, values in grids.items():
+        full = {**dict(gap=1.0, chain_sat=0.5, data_sat=0.5, phi_data=50.0, phi_chains=-50.0), **values}
+        out.update({f"grid{size.removeprefix('g')}_{names[k]}": v for k, v in full.items()})
+    return out
+
+
+def test_multigrid_checks_read_the_worst_grid():
+    """MGCN on digits28: the 14×14 grid's Φ ran away (its gap in data-Φ stds huge by iteration 59)
+    while the finest grid's looked fine until 114. Each check reads the worst grid; a calm model's
+    grid rows fire nothing, and keys that are not a grid's (grid_x_…) are not read."""
+    calm = _grids(_row(), g7={}, g14={})
+    assert _run([calm] * 40)[1].first is None
+    _, det = _run([calm] * 10 + [_grids(_row(), g7={}, g14={"gap": 500.0})] * 10, energy_gap_max=50.0)
+    assert det.first["reason"] == "energy_diverged" and 11 < det.first["iteration"] <= 15
+    _, det = _run([calm] * 10 + [_grids(_row(), g7={"chain_sat": 0.95, "data_sat": 0.0}, g14={})] * 3)
+    assert det.first == {"iteration": 13, "reason": "saturated"}
+    out, det = _run([calm] * 10 + [_grids(_row(), g14={"phi_data": 5000.0, "phi_chains": -4990.0})] * 40,
+                    energy_l2=1e-4, energy_pinned_patience=25)
+    assert det.first["reason"] == "energy_pinned" and out[det.first["iteration"] - 1]["collapse_energy_pinned"] > 0.8
+    stray = {**calm, "grid_x_energy_gap_z": 500.0, "gridsaturated_chain_saturation": 1.0}
+    assert _run([stray] * 20, energy_gap_max=50.0)[1].first is None

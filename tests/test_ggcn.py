@@ -111,6 +111,28 @@ def test_multigrid_chains_start_from_the_upsampled_previous_grid():
     assert [c[1].shape[-1] for c in chains] == [1, 4, 8]
 
 
+def test_multigrid_step_logs_every_grid_for_the_collapse_checks():
+    """Each grid's gap, saturations and Φ are logged as grid{size}_…, from that grid's own data
+    (down-sampled) and chains; the finest grid's also under the plain names."""
+    from distributed_ebm.metrics.collapse import saturation, worst_grid
+
+    config = load_config(CONFIGS / "digits_mgcn.yaml", {"model.channels": [4], "langevin.langevin_steps": 3})
+    algo = ALGORITHMS["mgcn"]
+    data = torch.rand(16, 1, 8, 8) * 2 - 1
+    data[:, :, :4] = 1.0  # saturated rows: their share differs between the grids
+    state = algo.build(config, (1, 8, 8), device=torch.device("cpu"), generator=torch.Generator(),
+                       data_mean=data.mean(0, keepdim=True))
+    out = algo.train_step(state, data, None, generator=torch.Generator().manual_seed(0))
+    metrics = {k: float(v) for k, v in out.metrics.items()}
+    for size in config.model.grid_sizes:
+        assert metrics[f"grid{size}_data_saturation"] == pytest.approx(float(saturation(resample(data, size, "nearest"))))
+        for name in ("energy_gap_z", "chain_saturation", "phi_data", "phi_chains"):
+            assert f"grid{size}_{name}" in metrics
+    finest = config.model.grid_sizes[-1]
+    assert metrics[f"grid{finest}_energy_gap_z"] == metrics["energy_gap_z"]
+    assert worst_grid(metrics, 0.0)["energy_gap_z"] == max(metrics[f"grid{s}_energy_gap_z"] for s in config.model.grid_sizes)
+
+
 def algo_sample(state, energy, x0, gen):
     return state.sampler(energy, x0, generator=gen)
 

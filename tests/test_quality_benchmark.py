@@ -29,7 +29,10 @@ def test_quality_benchmark_trains_scores_and_compares(tmp_path):
             "langevin.sample_steps=5", "model.channels=[8,16]"]
     peer = ["buffer_size=256", "batch_size=32", "langevin_steps=3", "sample_steps=5"]
     out = tmp_path / "out"
-    assert main(["--budget-s", "3", "--data", str(data), "--presets", "configs/digits_wgcn_cond.yaml",
+    # a preset trains its own length (here 4 iterations, well inside the budget) or the budget
+    preset = tmp_path / "digits_wgcn_cond.yaml"
+    preset.write_text((ROOT / "configs/digits_wgcn_cond.yaml").read_text().replace("iterations: 300", "iterations: 4"))
+    assert main(["--budget-s", "3", "--data", str(data), "--presets", str(preset),
                  "--num", "60", "--curve-num", "30", "--curve-points", "2", "--checkpoint-every", "2",
                  "--classifier-epochs", "1", "--classifier-images", "600", "--kid-subsets", "3",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet",
@@ -41,7 +44,7 @@ def test_quality_benchmark_trains_scores_and_compares(tmp_path):
         assert r["final"]["num"] == 60 and np.isfinite(r["final"]["fid"])
         assert 1 <= len(r["curve"]) <= 2
         assert all(c["wall_s"] <= 3.5 for c in r["curve"][:-1])
-    assert results["results"][1]["iterations"] > 0
+    assert results["results"][0]["final"]["iterations"] == 4 and results["results"][1]["iterations"] > 0
     # a conditional preset is scored for the class it was asked for; the unconditional peer is not
     agreement = results["results"][0]["final"]["label_agreement"]
     assert 0.0 <= agreement <= 1.0 and results["results"][1]["final"]["label_agreement"] is None

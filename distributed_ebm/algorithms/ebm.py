@@ -140,6 +140,10 @@ def multigrid_chains(
     return chains
 
 
+# logged per grid as grid{size}_{name}: the collapse checks read every grid's (metrics/collapse.py)
+GRID_METRICS = ("loss", "phi_data", "phi_chains", "energy_gap_z", "chain_saturation", "data_saturation")
+
+
 @dataclass(frozen=True)
 class MultiGridAlgorithm:
     """MGCN / wMGCN: one ConvNet energy per grid (model.grid_sizes), chains passed coarse to fine.
@@ -221,7 +225,7 @@ class MultiGridAlgorithm:
                                                   data_labels, start, final, syn_labels, jko=self.jko,
                                                   iteration=iteration, shares=shares)
             total = total + loss
-            metrics.update({f"grid{size}_{k}": v for k, v in grid_metrics.items() if k in ("loss", "phi_data", "phi_chains")})
+            metrics.update({f"grid{size}_{k}": v for k, v in grid_metrics.items() if k in GRID_METRICS})
             metrics.update(grid_metrics)  # the finest grid's metrics stay under the plain names
         theta, w = [], []
         for energy in energies:

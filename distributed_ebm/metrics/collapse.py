@@ -16,6 +16,11 @@ iterations after `warmup`, energy_pinned for `energy_pinned_patience`):
 - saturated:   the chains' excess saturation, (s_chains − s_data) / (1 − s_data) with s the
                fraction of entries at the bounds of [-1, 1], exceeds `saturation_max`: the share
                of the data's unsaturated entries that the chains have pushed to the bounds.
+
+A multi-grid model (MGCN) logs the gap, Φ and saturations of every grid as `grid{size}_{name}`;
+the energy and saturation checks read the worst grid, since one grid's energy can run away while
+the finest grid's chains still look fine (its chains start from the runaway grid's, so the finest
+grid only shows it later). R stays the finest grid's: the samples are its chains.
 """
 
 from __future__ import annotations
@@ -58,6 +63,25 @@ def energy_gap_z(phi_data: torch.Tensor, phi_syn: torch.Tensor, *,
     return (mean_data - sum_syn / n_syn).abs() / spread.clamp_min(1e-6)
 
 
+def grid_values(metrics: dict[str, float], name: str) -> list[float]:
+    """`name`'s value in metrics, then each grid's (`grid{size}_{name}`, a multi-grid model's)."""
+    grids = [v for k, v in metrics.items()
+             if k.startswith("grid") and k.endswith(f"_{name}") and k[4:-len(name) - 1].isdigit()]
+    return [metrics[name], *grids]
+
+
+def worst_grid(metrics: dict[str, float], energy_l2: float) -> dict[str, float]:
+    """The energy gap (in data-Φ stds), the pinned gap α·|Φ(data) − Φ(chains)| and the excess
+    saturation of the worst grid: for a single-grid model, its own."""
+    saturations = zip(grid_values(metrics, "chain_saturation"), grid_values(metrics, "data_saturation"))
+    worst = {"energy_gap_z": max(grid_values(metrics, "energy_gap_z")),
+             "excess_saturation": max(excess_saturation(c, d) for c, d in saturations)}
+    if energy_l2:
+        worst["pinned"] = energy_l2 * max(abs(d - c) for d, c in zip(grid_values(metrics, "phi_data"),
+                                                                     grid_values(metrics, "phi_chains")))
+    return worst
+
+
 class CollapseDetector:
     """Tracks the collapse conditions over iterations; its state is checkpointed."""
 
@@ -76,7 +100,8 @@ class CollapseDetector:
         """Add one iteration's metrics; return the collapse metrics for that iteration.
 
         Reads `response_distance`, `energy_gap_z`, `chain_saturation`, `data_saturation` and the
-        flag `nonfinite` from metrics; with α > 0 also `phi_data` and `phi_chains`.
+        flag `nonfinite` from metrics; with α > 0 also `phi_data` and `phi_chains`; and each grid's
+        `grid{size}_`-prefixed gap, saturations and Φ where present (`worst_grid`).
         """
         cfg = self.config
         self.seen += 1
@@ -86,11 +111,11 @@ class CollapseDetector:
         ):
             reason = "nonfinite"
         else:
-            r, gap = metrics["response_distance"], metrics["energy_gap_z"]
-            self.r_ema, self.gap_ema = self._smooth(self.r_ema, r), self._smooth(self.gap_ema, gap)
+            worst = worst_grid(metrics, self.energy_l2)
+            self.r_ema = self._smooth(self.r_ema, metrics["response_distance"])
+            self.gap_ema = self._smooth(self.gap_ema, worst["energy_gap_z"])
             if self.energy_l2:
-                pinned = self.energy_l2 * abs(metrics["phi_data"] - metrics["phi_chains"])
-                self.pinned_ema = self._smooth(self.pinned_ema, pinned)
+                self.pinned_ema = self._smooth(self.pinned_ema, worst["pinned"])
             if self.seen > cfg.warmup:
                 self.best_r = min(self.best_r, self.r_ema)
             conditions = {
@@ -98,8 +123,7 @@ class CollapseDetector:
                 "energy_diverged": self.seen > cfg.warmup and self.gap_ema > cfg.energy_gap_max,
                 "energy_pinned": self.seen > cfg.warmup and self.pinned_ema is not None
                 and self.pinned_ema > cfg.energy_pinned_max,
-                "saturated": excess_saturation(metrics["chain_saturation"], metrics["data_saturation"])
-                > cfg.saturation_max,
+                "saturated": worst["excess_saturation"] > cfg.saturation_max,
             }
             for name, holds in conditions.items():
                 self.streaks[name] = self.streaks[name] + 1 if holds else 0
