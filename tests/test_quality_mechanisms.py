@@ -285,21 +285,23 @@ def _largest_singular_values(energy) -> list[float]:
         return [float(torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)) for m in layers]
 
 
-def test_spectral_norm_keeps_the_largest_singular_value_near_one_after_training():
-    state, _ = build("wgcn", {"model.spectral_norm": True})
-    energy = state.energy
-    original = [m.parametrizations.weight.original.detach().clone()
-                for m in energy.features.modules() if isinstance(m, torch.nn.Conv2d)]
+@pytest.mark.parametrize("algorithm", ["wgcn", "mgcn"])
+def test_spectral_norm_keeps_the_largest_singular_value_near_one_after_training(algorithm):
+    """Every energy's filters, each grid's for MGCN (mnist_mgcn bounds its grids' Φ so)."""
+    state, _ = build(algorithm, {"model.spectral_norm": True})
+    energies = list(state.models["grids"]) if algorithm == "mgcn" else [state.energy]
+    layers = [m for e in energies for m in e.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    original = [m.parametrizations.weight.original.detach().clone() for m in layers]
     for i in range(5):
-        ALGORITHMS["wgcn"].train_step(state, data_batch(seed=i), None, generator=torch.Generator().manual_seed(i),
-                                      iteration=i)
-    layers = [m for m in energy.features.modules() if isinstance(m, torch.nn.Conv2d)]
+        ALGORITHMS[algorithm].train_step(state, data_batch(seed=i), None, generator=torch.Generator().manual_seed(i),
+                                         iteration=i)
     assert all(not torch.equal(m.parametrizations.weight.original, w) for m, w in zip(layers, original))
-    energy.eval()  # the stored power-iteration vectors, no further iteration
-    assert _largest_singular_values(energy) == pytest.approx([1.0, 1.0], abs=1e-2)
+    for energy in energies:
+        energy.eval()  # the stored power-iteration vectors, no further iteration
+        assert _largest_singular_values(energy) == pytest.approx([1.0, 1.0], abs=1e-2)
     with torch.no_grad():
         raw = [float(torch.linalg.matrix_norm(m.parametrizations.weight.original.flatten(1), ord=2)) for m in layers]
-    assert all(abs(s - 1) > 0.05 for s in raw)  # the normalisation is doing the work
+    assert len(raw) == 2 * len(energies) and all(abs(s - 1) > 0.05 for s in raw)  # the normalisation does the work
 
 
 def test_spectral_norm_keeps_the_theta_w_split_and_the_theta_only_penalty():
