@@ -13,7 +13,7 @@ Quality is measured at `--curve-points` times of each run (the checkpoint neares
 time for the presets, a snapshot for the peer) on `--curve-num` samples, and at the full budget
 on `--num` samples. Time is training wall time (the sum of the iterations' step seconds);
 sampling and scoring are not counted. A preset trains for its own `train.iterations` (the length
-it ships with: mnist_mgcn stops at 1000, before its energies run away) or the budget, whichever
+it ships with, e.g. mnist_mgcn's 1150) or the budget, whichever
 ends first; `--set train.iterations=N` trains it longer.
 
     .venv/bin/python benchmarks/quality.py --budget-s 900 --data ../shared/data/mnist/mnist.npz
