@@ -20,6 +20,12 @@ ends first; `--set train.iterations=N` trains it longer.
     .venv/bin/python benchmarks/quality.py --budget-s 300 --data mnist.npz --presets configs/mnist_ggcn.yaml
     .venv/bin/python benchmarks/quality.py ... --no-peer --out /tmp/quality   # table.md, curve.png, results.json
 
+With `--steps-scales 1,3,10` the final model of every system also draws `--steps-num` fresh samples
+with its own sampling steps times each scale (the same seed; the peer's 256 steps too) and a second
+table says whether quality holds as the chains run longer — as a density's samples do — or falls
+apart, as a short-run sampler's do (Nijkamp et al. 2020); its largest-class column catches the
+drift of samples into one blob class.
+
 Output (in --out): table.md (the table printed at the end), curve.png (FID against wall time),
 samples-<name>.png (the final fresh samples, 4× nearest-neighbour upscaled), results.json.
 """
@@ -32,6 +38,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +51,12 @@ from benchmarks.peers.replay_ebm import PeerCNN, PeerSettings, ReplayBufferEBM, 
 from distributed_ebm.checkpoint import final_trajectory  # noqa: E402
 from distributed_ebm.config import DataConfig, load_config  # noqa: E402
 from distributed_ebm.data import load_dataset  # noqa: E402
-from distributed_ebm.evaluation import EvalSettings, feature_network, score_generation  # noqa: E402
+from distributed_ebm.evaluation import (  # noqa: E402
+    EvalSettings,
+    default_sample_steps,
+    feature_network,
+    score_generation,
+)
 from distributed_ebm.inference import load_run  # noqa: E402
 from distributed_ebm.rundir import save_sample_png  # noqa: E402
 from distributed_ebm.train_loop import train  # noqa: E402
@@ -82,6 +94,7 @@ class Scorer:
             **{k: report["scores"][k] for k in ("fid", "kid_mean", "precision", "recall", "density", "coverage")},
             "classes_at_5pct": sum(v >= MIN_CLASS_SHARE for v in shares.values()),
             "min_class_share": min(shares.values()) if shares else None,
+            "max_class_share": max(shares.values()) if shares else None,
             "num": len(fake),
             "label_agreement": report.get("label_agreement"),
         }
@@ -95,6 +108,35 @@ class Scorer:
 
 def curve_marks(budget_s: float, points: int) -> list[float]:
     return [budget_s * (i + 1) / points for i in range(points)]
+
+
+def steps_scales(text: str) -> list[float]:
+    """`--steps-scales` '1,3,10' → [1.0, 3.0, 10.0]; each must be positive."""
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        scales = [0.0]
+    if any(v <= 0 for v in scales):
+        raise SystemExit(f"--steps-scales {text!r}: every scale must be > 0 (e.g. 1,3,10).")
+    return scales
+
+
+def longer_chains(draw, default_steps: int, args, scorer: Scorer, what: str, labels_for=None) -> list[dict]:
+    """Fresh samples of one final model at its sampling steps × each `--steps-scales`, the same seed:
+    `draw(num, steps=K)` gives the samples, `labels_for(num, None)` the classes a conditional model was
+    asked for (None for unconditional ones)."""
+    rows = []
+    for scale in steps_scales(args.steps_scales):
+        steps = max(1, round(default_steps * scale))
+        tick = time.perf_counter()
+        fake = draw(args.steps_num, steps=steps)
+        labels = labels_for(args.steps_num, None) if labels_for else None
+        scores = scorer.score(fake, f"fresh samples of {what}, {steps} sampling steps", args.steps_num, labels)
+        rows.append({"scale": scale, "steps": steps, **scores, "sampling_scoring_s": time.perf_counter() - tick})
+        print(f"   {steps} steps ({scale:g}× {default_steps}): FID {scores['fid']:.1f} precision "
+              f"{scores['precision']:.3f} recall {scores['recall']:.3f} largest class {scores['max_class_share']}",
+              flush=True)
+    return rows
 
 
 def run_preset(preset: str, args, scorer: Scorer, out: Path) -> dict:
@@ -120,7 +162,7 @@ def run_preset(preset: str, args, scorer: Scorer, out: Path) -> dict:
     # the checkpoint of each iteration on the final trajectory (not those a recovery abandoned)
     # (iteration 0, a rollback to the initial state, is not a trained model)
     checkpoints = {it: path for it, path in final_trajectory(run_dir / "checkpoints").items() if it > 0}
-    curve = []
+    curve, longer = [], []
     for i, mark in enumerate(curve_marks(args.budget_s, args.curve_points)):
         final = i == args.curve_points - 1
         iteration = max((it for it in checkpoints if it <= len(rows) and elapsed[it - 1] <= mark + 1e-9), default=None)
@@ -140,8 +182,10 @@ def run_preset(preset: str, args, scorer: Scorer, out: Path) -> dict:
               f"{scores['precision']:.3f} recall {scores['recall']:.3f}", flush=True)
         if final:
             upscaled_grid(fake, out / f"samples-{name}.png")
+            longer = longer_chains(partial(model.sample, seed=args.seed), default_sample_steps(model.config),
+                                   args, scorer, name, model.labels_for)
     return {"name": name, "preset": preset, "status": summary["status"], "curve": curve,
-            "final": curve[-1] if curve else None}
+            "final": curve[-1] if curve else None, "longer_chains": longer}
 
 
 def run_peer(args, scorer: Scorer, out: Path) -> dict:
@@ -156,7 +200,7 @@ def run_peer(args, scorer: Scorer, out: Path) -> dict:
     marks = curve_marks(args.budget_s, args.curve_points)
     iterations = train_for(peer, images, budget_s=args.budget_s, seed=args.seed, checkpoint_s=tuple(marks),
                            on_checkpoint=lambda t, it: snapshots.append((t, it, copy.deepcopy(peer.model.state_dict()))))
-    curve = []
+    curve, longer = [], []
     for i, (wall, it, weights) in enumerate(snapshots):
         final = i == len(snapshots) - 1
         peer.model.load_state_dict(weights)
@@ -169,9 +213,11 @@ def run_peer(args, scorer: Scorer, out: Path) -> dict:
               f"recall {scores['recall']:.3f}", flush=True)
         if final:
             upscaled_grid(fake, out / "samples-peer.png")
+            longer = longer_chains(partial(peer.sample, seed=args.seed), settings.sample_steps, args, scorer,
+                                   "the peer")
     return {"name": "peer (replay-buffer EBM)", "preset": "benchmarks/peers/replay_ebm.py",
             "status": "completed", "settings": asdict(settings), "iterations": iterations, "curve": curve,
-            "final": curve[-1] if curve else None}
+            "final": curve[-1] if curve else None, "longer_chains": longer}
 
 
 def _yaml(value):
@@ -206,6 +252,16 @@ def table(results: list[dict], floor: dict, network: str) -> str:
         lines += ["", f"best preset {best['name']}: FID {best['final']['fid']:.2f} = "
                       f"{best['final']['fid'] / peer['final']['fid']:.2f} × the peer's ({peer['final']['fid']:.2f}); "
                       f"{best['final']['fid'] / floor['fid']:.2f} × real-vs-real ({floor['fid']:.2f})"]
+    longer = [(r["name"], row) for r in results for row in r.get("longer_chains", [])]
+    if longer:
+        lines += ["", f"Longer chains: the final model's fresh samples ({longer[0][1]['num']} each, the same seed) "
+                      "at its sampling steps × a scale", "",
+                  "| system | steps | × default | FID | precision | recall | coverage | classes ≥ 5 % | "
+                  "largest class share |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['steps']} | {row['scale']:g} | {row['fid']:.2f} | {row['precision']:.3f} | "
+                  f"{row['recall']:.3f} | {row['coverage']:.3f} | {row['classes_at_5pct']} | "
+                  f"{'–' if row['max_class_share'] is None else format(row['max_class_share'], '.3f')} |"
+                  for name, row in longer]
     return "\n".join(lines)
 
 
@@ -240,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-points", type=int, default=4, help="times of the curve (the last is the budget)")
     parser.add_argument("--curve-num", type=int, default=500, help="samples scored at earlier curve points")
     parser.add_argument("--checkpoint-every", type=int, default=10, help="preset checkpoints (curve resolution)")
+    parser.add_argument("--steps-scales", default="",
+                        help="also score each final model at its sampling steps × these scales, e.g. 1,3,10")
+    parser.add_argument("--steps-num", type=int, default=500, help="fresh samples per --steps-scales row")
     parser.add_argument("--classifier-epochs", type=int, default=5)
     parser.add_argument("--classifier-images", type=int, default=10000)
     parser.add_argument("--kid-subsets", type=int, default=50)
@@ -252,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="quality-results")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    steps_scales(args.steps_scales)  # a bad list fails before hours of training, not after
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

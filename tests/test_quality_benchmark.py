@@ -29,13 +29,14 @@ def test_quality_benchmark_trains_scores_and_compares(tmp_path):
             "langevin.sample_steps=5", "model.channels=[8,16]"]
     peer = ["buffer_size=256", "batch_size=32", "langevin_steps=3", "sample_steps=5"]
     out = tmp_path / "out"
-    # a preset trains its own length (here 4 iterations, well inside the budget) or the budget
+    # a preset trains its own length (here 4 iterations, well inside the budget even on a loaded machine) or the budget
     preset = tmp_path / "digits_wgcn_cond.yaml"
     preset.write_text((ROOT / "configs/digits_wgcn_cond.yaml").read_text().replace("iterations: 300", "iterations: 4"))
-    assert main(["--budget-s", "3", "--data", str(data), "--presets", str(preset),
+    assert main(["--budget-s", "6", "--data", str(data), "--presets", str(preset),
                  "--num", "60", "--curve-num", "30", "--curve-points", "2", "--checkpoint-every", "2",
                  "--classifier-epochs", "1", "--classifier-images", "600", "--kid-subsets", "3",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet",
+                 "--steps-scales", "1,2", "--steps-num", "60",
                  *[a for kv in tiny for a in ("--set", kv)], *[a for kv in peer for a in ("--peer-set", kv)]]) == 0
     results = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in results["results"]]
@@ -43,7 +44,7 @@ def test_quality_benchmark_trains_scores_and_compares(tmp_path):
     for r in results["results"]:
         assert r["final"]["num"] == 60 and np.isfinite(r["final"]["fid"])
         assert 1 <= len(r["curve"]) <= 2
-        assert all(c["wall_s"] <= 3.5 for c in r["curve"][:-1])
+        assert all(c["wall_s"] <= 6.5 for c in r["curve"][:-1])
     assert results["results"][0]["final"]["iterations"] == 4 and results["results"][1]["iterations"] > 0
     # a conditional preset is scored for the class it was asked for; the unconditional peer is not
     agreement = results["results"][0]["final"]["label_agreement"]
@@ -55,6 +56,23 @@ def test_quality_benchmark_trains_scores_and_compares(tmp_path):
     assert f"| {agreement:.3f} |" in table
     assert (out / "curve.png").is_file() and (out / "samples-digits_wgcn_cond.png").is_file()
     assert (out / "samples-peer.png").is_file()
+    # longer chains: the final model again at its own steps (5; the peer's 5) and twice as many
+    for r in results["results"]:
+        assert [(c["scale"], c["steps"]) for c in r["longer_chains"]] == [(1.0, 5), (2.0, 10)]
+        same, longer = r["longer_chains"]
+        assert same["fid"] == r["final"]["fid"]  # 1× with the same seed and number is the final score itself
+        assert longer["fid"] != same["fid"] and 0 < longer["max_class_share"] <= 1
+    assert "Longer chains" in table and "| digits_wgcn_cond | 10 | 2 |" in table and "| peer (replay-buffer EBM) | 10 | 2 |" in table
+
+
+def test_quality_benchmark_refuses_a_bad_steps_scale(tmp_path):
+    import pytest
+
+    from benchmarks.quality import main
+
+    for bad in ("1,0", "1,x"):
+        with pytest.raises(SystemExit, match="every scale must be > 0"):
+            main(["--budget-s", "1", "--data", str(tmp_path / "none.npz"), "--steps-scales", bad, "--out", str(tmp_path)])
 
 
 def test_ema_pairs_scores_live_and_averaged_networks_on_the_same_checkpoints(tmp_path, capsys):
