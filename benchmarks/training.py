@@ -28,10 +28,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "fp32": [],
+    "fp32": ["langevin.autocast=null"],  # also where the preset sets autocast: auto (the MNIST ones)
     "bf16": ["langevin.autocast=bf16"],
-    "compile": ["langevin.compile=true"],
-    "channels_last": ["langevin.channels_last=true"],
+    "compile": ["langevin.compile=true", "langevin.autocast=null"],
+    "channels_last": ["langevin.channels_last=true", "langevin.autocast=null"],
 }
 
 

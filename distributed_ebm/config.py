@@ -104,13 +104,14 @@ class LangevinConfig:
     sample_anneal_to: float | None = None  # fresh sampling only: δ decays geometrically to this over the run; None: constant δ
     # Speed options (same update rule and noise; see distributed_ebm/langevin.py):
     compile: bool = False  # torch.compile ∇ₓΦ (C++ compiler on the CPU, triton on the GPU)
-    autocast: str | None = None  # "bf16": Φ's forward/backward in bfloat16, chains in float32
+    autocast: str | None = None  # "bf16": Φ's forward/backward in bfloat16, chains in float32; "auto": bf16 where
+                                  # it pays (a CPU with native bfloat16), float32 elsewhere (langevin.resolve_autocast)
     channels_last: bool = False  # keep image chains in channels-last memory format (GPU)
 
     def __post_init__(self) -> None:
-        if self.autocast not in (None, "bf16"):
+        if self.autocast not in (None, "bf16", "auto"):
             raise ConfigError(
-                f"langevin.autocast must be null (float32) or 'bf16', got {self.autocast!r}. "
+                f"langevin.autocast must be null (float32), 'bf16' or 'auto', got {self.autocast!r}. "
                 "Fix the YAML file or the --set override."
             )
 

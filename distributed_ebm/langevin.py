@@ -25,7 +25,10 @@ mask or the noise stream:
   one graph). Needs a C++ compiler on the CPU and triton on the GPU. The first call of each new
   network or batch shape compiles (tens of seconds on a CPU); later calls reuse the graph.
 - `autocast="bf16"`: Φ's forward and backward under bfloat16 autocast; the chains, the update
-  and the noise stay in float32.
+  and the noise stay in float32. `autocast="auto"` is bf16 where it was measured to pay, a CPU
+  with native bfloat16 (x86 AVX512-BF16 or AMX-BF16: 1.35× per MNIST GGCN iteration on a 2-core
+  EPYC, docs/benchmarks.md), and float32 everywhere else (on an H200 bf16 did not pay:
+  docs/gpu.md): `resolve_autocast`.
 - `channels_last`: the chains (B, C, H, W) are kept in channels-last memory format, which lets
   cuDNN pick its faster NHWC kernels; meant for the GPU (it runs on the CPU too, where the gain
   is small and depends on the network: benchmarks/langevin.py).
@@ -40,13 +43,37 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # Φ: a batch of x → one score per sample
 GradFn = Callable[[torch.Tensor], torch.Tensor]  # x → ∇ₓΦ(x)
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16}  # values of the `autocast` option
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}  # values of the `autocast` option, besides AUTO
+AUTO = "auto"  # autocast where it pays on the device at hand (`resolve_autocast`)
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 flags of bfloat16 arithmetic in hardware
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (x86 AVX512-BF16 or AMX-BF16), read
+    from the kernel's flags; False where they cannot be read (not Linux) or name neither."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return not NATIVE_BF16_FLAGS.isdisjoint(flags)
+
+
+def resolve_autocast(autocast: str | None, device: torch.device | str) -> str | None:
+    """The `autocast` option as it runs on `device`: AUTO is "bf16" on a CPU with native bfloat16
+    (`cpu_has_native_bf16`) and None (float32) elsewhere: on other CPUs bf16 is emulated, and on
+    the GPU it did not pay (docs/gpu.md); any other value is returned as it is."""
+    if autocast != AUTO:
+        return autocast
+    return "bf16" if torch.device(device).type == "cpu" and cpu_has_native_bf16() else None
 
 
 def score_grad(score_fn: ScoreFn, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +144,8 @@ def langevin(
         compile: compute ∇ₓΦ with `torch.compile` (results match the default path to float
             rounding, ~1e-7 per step).
         autocast: None (float32), or "bf16": Φ's forward and backward in bfloat16 autocast, the
-            chains in float32 (∇ₓΦ carries ~1e-2 relative error).
+            chains in float32 (∇ₓΦ carries ~1e-2 relative error); "auto": bf16 where it pays on
+            x0's device, else float32 (`resolve_autocast`).
         channels_last: keep image chains (B, C, H, W) in channels-last memory format (GPU).
 
     The noise stream, and with the default options the result, are the same bit for bit as the
@@ -196,6 +224,7 @@ class LangevinSettings:
 
 def _grad_fn(score_fn: ScoreFn, x0: torch.Tensor, *, compile: bool, autocast: str | None) -> GradFn:
     """x → ∇ₓΦ(x): eager autograd by default, else with Φ under autocast and/or compiled."""
+    autocast = resolve_autocast(autocast, x0.device)
     if autocast is not None:
         score_fn = _autocast_score(score_fn, x0.device.type, _autocast_dtype(autocast, x0))
     if compile:
@@ -245,7 +274,7 @@ def _autocast_dtype(autocast: str, x0: torch.Tensor) -> torch.dtype:
     if autocast not in AUTOCAST_DTYPES:
         raise ValueError(
             f"Unknown Langevin autocast '{autocast}'. Choose one of {sorted(AUTOCAST_DTYPES)}, "
-            "or None for float32."
+            f"'{AUTO}', or None for float32."
         )
     if x0.dtype != torch.float32:
         raise ValueError(

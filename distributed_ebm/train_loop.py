@@ -22,6 +22,7 @@ from .checkpoint import CheckpointStore, LocalCheckpointStore, checkpoint_name
 from .config import RunConfig
 from .data import training_data
 from .distributed import MetricWindow, all_reduce_sum, current_context, to_device
+from .langevin import resolve_autocast
 from .metrics import ResponseDistance
 from .outputs import RunOutputs
 from .recovery import INITIAL, Recovery, collapse_message
@@ -180,6 +181,7 @@ def _describe(state: RunState, data, response: ResponseDistance, ctx) -> dict:
         "response_bank": response.kind,
         "data": data.name,
         "device": str(ctx.device),
+        "langevin_precision": resolve_autocast(state.train.config.langevin.autocast, ctx.device) or "float32",
         "world_size": ctx.world_size,
     }
 

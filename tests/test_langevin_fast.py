@@ -7,11 +7,12 @@ import shutil
 import pytest
 import torch
 
+from distributed_ebm import langevin as langevin_module
 from distributed_ebm.algorithms import ALGORITHMS
 from distributed_ebm.config import ConfigError, LangevinConfig, ModelConfig, RunConfig, load_config
 from distributed_ebm.energy import build_energy
 from distributed_ebm.inpainting import inpaint_langevin
-from distributed_ebm.langevin import langevin, score_grad
+from distributed_ebm.langevin import cpu_has_native_bf16, langevin, resolve_autocast, score_grad
 
 SHAPE = (3, 8, 8)
 KNOBS = {"steps": 6, "step_size": 0.2, "ref_sigma": 0.7, "clamp": (-1.0, 1.0)}
@@ -148,6 +149,30 @@ def test_bf16_autocast_is_close_to_the_default_path(energy, x0, mask):
     assert torch.equal(bf16[mask == 0], x0[mask == 0])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_autocast_is_bf16_on_a_native_bf16_cpu_and_float32_elsewhere(energy, x0, mask, monkeypatch, native):
+    """autocast="auto" runs exactly the bf16 path where the CPU has bfloat16 in hardware and exactly the
+    float32 path where it has not, and never bf16 on the GPU (where it did not pay)."""
+    monkeypatch.setattr(langevin_module, "cpu_has_native_bf16", lambda: native)
+    auto = run(energy, x0, mask=mask, autocast="auto")
+    assert torch.equal(auto, run(energy, x0, mask=mask, autocast="bf16" if native else None))
+    assert resolve_autocast("auto", "cpu") == ("bf16" if native else None)
+    assert resolve_autocast("auto", "cuda") is None
+    assert [resolve_autocast(v, "cuda") for v in ("bf16", None)] == ["bf16", None]  # explicit values stay
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    def cpu(flags: str) -> bool:
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16x\n")
+        return cpu_has_native_bf16(str(path))
+
+    assert cpu("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni")  # AMD Zen 4, Intel Cooper Lake
+    assert cpu("fpu avx512f amx_bf16 amx_tile")  # Intel Sapphire Rapids
+    assert not cpu("fpu sse2 avx2 avx512f avx512bw")  # AVX512 without bfloat16: emulated
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))  # not Linux
+
+
 def test_channels_last_is_close_to_the_default_path(energy, x0, mask):
     """Only the convolution kernels change with the layout: |Δ| ≤ 1e-5 after 6 steps."""
     layouts = []
@@ -199,7 +224,7 @@ def test_config_carries_the_options_and_rejects_unknown_autocast():
     assert RunConfig.from_dict(config.to_dict()) == config
     assert LangevinConfig() == LangevinConfig(compile=False, autocast=None, channels_last=False)
     with pytest.raises(
-        ConfigError, match=r"langevin.autocast must be null \(float32\) or 'bf16', got 'fp16'"
+        ConfigError, match=r"langevin.autocast must be null \(float32\), 'bf16' or 'auto', got 'fp16'"
     ):
         load_config(None, {"langevin.autocast": "fp16"})
     with pytest.raises(ConfigError, match="'langevin.compile' must be a bool"):

@@ -40,6 +40,7 @@ def test_train_writes_the_run_directory(tmp_path, tiny_overrides, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["collapsed"] is False
     assert summary["filter_bank"] is None and summary["response_bank"].startswith("random")
+    assert summary["langevin_precision"] == "float32"  # the preset's langevin.autocast: null
 
 
 @pytest.mark.parametrize("preset", ["digits_wgcn.yaml", "digits_frame.yaml"])
