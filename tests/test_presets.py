@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed_ebm.cli import main
+from distributed_ebm.langevin import cpu_has_native_bf16
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = {"train.iterations": 3, "train.data_batch_size": 8, "chains.bank_size": 8, "chains.batch_size": 8,
@@ -49,6 +50,8 @@ def test_mnist_presets_train_a_few_iterations(tmp_path, mnist_like, preset):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["iterations"] == 3 and summary["data"] == "mnist"
     assert (run / "checkpoints").is_dir()
+    # langevin.autocast: auto, resolved on this CPU (bf16 where it has bfloat16 in hardware)
+    assert summary["langevin_precision"] == ("bf16" if cpu_has_native_bf16() else "float32")
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
